@@ -1,0 +1,54 @@
+"""Adapter aggregation: FedAvg as pure functions over state dicts, and its all-reduce form.
+
+The pure functions define the arithmetic and are tested against hand-computed numbers; the
+collective form computes the same weighted sum across the client group in one all-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def sample_weights(sample_counts: Sequence[int]) -> list[float]:
+    """FedAvg weights n_c / sum(n)."""
+    if not sample_counts or any(n < 0 for n in sample_counts) or sum(sample_counts) == 0:
+        raise ValueError(f"sample counts must be non-negative with a positive sum, got {list(sample_counts)}")
+    total = float(sum(sample_counts))
+    return [n / total for n in sample_counts]
+
+
+def fedavg(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """sum_c w_c * state_c, key by key; every state dict must hold the same keys and shapes."""
+    if len(state_dicts) != len(weights) or not state_dicts:
+        raise ValueError(f"need one weight per state dict, got {len(state_dicts)} and {len(weights)}")
+    keys = list(state_dicts[0])
+    for i, sd in enumerate(state_dicts[1:], 1):
+        if list(sd) != keys:
+            raise ValueError(f"state dict {i} holds other keys than state dict 0")
+    out = {}
+    for k in keys:
+        acc = torch.zeros_like(state_dicts[0][k], dtype=torch.float32)
+        for sd, w in zip(state_dicts, weights):
+            acc += w * sd[k].float()
+        out[k] = acc.to(state_dicts[0][k].dtype)
+    return out
+
+
+@torch.no_grad()
+def allreduce_weighted_average_(tensors: Sequence[torch.Tensor], weight: float,
+                                group: Optional[dist.ProcessGroup]) -> None:
+    """In place on every member of `group`: t <- sum_c weight_c * t_c (fp32 accumulation).
+
+    One flat buffer, one all-reduce: every member ends with bit-identical tensors.
+    """
+    if not tensors:
+        return
+    flat = _flatten_dense_tensors([t.float() for t in tensors])
+    flat.mul_(weight)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    for t, avg in zip(tensors, _unflatten_dense_tensors(flat, list(tensors))):
+        t.copy_(avg.to(t.dtype))

@@ -1,0 +1,113 @@
+"""Point-to-point exchange of tensor bundles (activations, masks, labels, gradients).
+
+Each bundle travels as one fixed-size int64 header (count, then dtype code, rank and shape of
+every tensor) followed by the tensors, so sequence lengths and batch sizes may change from step
+to step. Floating tensors may travel in a narrower `wire_dtype` and are cast back to the
+receiver's compute dtype. Every byte sent and received is counted for the comm/ metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import deepspeed.comm as ds_comm
+import torch
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64,
+           torch.int64, torch.int32, torch.uint8, torch.bool]
+_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+MAX_TENSORS = 4
+MAX_DIMS = 4
+_SLOT = 2 + MAX_DIMS  # dtype code, ndim, dims...
+HEADER_LEN = 1 + MAX_TENSORS * _SLOT
+
+
+def encode_header(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The int64 header describing `tensors` (pure; tested without processes)."""
+    if len(tensors) > MAX_TENSORS:
+        raise ValueError(f"a bundle holds at most {MAX_TENSORS} tensors, got {len(tensors)}")
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    header[0] = len(tensors)
+    for i, t in enumerate(tensors):
+        if t.dim() > MAX_DIMS:
+            raise ValueError(f"tensor {i} has {t.dim()} dims; at most {MAX_DIMS} travel")
+        slot = 1 + i * _SLOT
+        header[slot] = _CODE[t.dtype]
+        header[slot + 1] = t.dim()
+        header[slot + 2: slot + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    return header
+
+
+def decode_header(header: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """Inverse of `encode_header`: (dtype, shape) of every tensor in the bundle."""
+    h = header.tolist()
+    out = []
+    for i in range(int(h[0])):
+        slot = 1 + i * _SLOT
+        ndim = int(h[slot + 1])
+        out.append((_DTYPES[int(h[slot])], tuple(int(d) for d in h[slot + 2: slot + 2 + ndim])))
+    return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class P2P:
+    """Sends and receives bundles between this rank and its peers, counting bytes."""
+
+    def __init__(self, device: torch.device, wire_dtype: Optional[torch.dtype] = None):
+        self.device = device
+        self.wire_dtype = wire_dtype
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _to_wire(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if self.wire_dtype is not None and t.is_floating_point():
+            t = t.to(self.wire_dtype)
+        return t.to(self.device).contiguous()
+
+    def isend(self, tensors: Sequence[torch.Tensor], dst: int) -> list:
+        """Start sending a bundle; returns work handles to `wait()` on."""
+        wire = [self._to_wire(t) for t in tensors]
+        header = encode_header(wire).to(self.device)
+        works = [ds_comm.isend(header, dst)] + [ds_comm.isend(t, dst) for t in wire]
+        self.bytes_sent += _nbytes(header) + sum(_nbytes(t) for t in wire)
+        # Keep the buffers alive until the sends complete.
+        works.append(_Keep([header, *wire]))
+        return works
+
+    def send(self, tensors: Sequence[torch.Tensor], dst: int) -> None:
+        wait_all(self.isend(tensors, dst))
+
+    def recv_many(self, srcs: Sequence[int], float_dtype: torch.dtype) -> list[list[torch.Tensor]]:
+        """Receive one bundle from each of `srcs`, all at once (no source waits on another)."""
+        headers = [torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device) for _ in srcs]
+        wait_all([ds_comm.irecv(h, src) for h, src in zip(headers, srcs)])
+        bundles, works = [], []
+        for h, src in zip(headers, srcs):
+            bufs = [torch.empty(shape, dtype=dt, device=self.device) for dt, shape in decode_header(h)]
+            works += [ds_comm.irecv(b, src) for b in bufs]
+            bundles.append(bufs)
+            self.bytes_received += _nbytes(h) + sum(_nbytes(b) for b in bufs)
+        wait_all(works)
+        return [[b.to(float_dtype) if b.is_floating_point() else b for b in bufs] for bufs in bundles]
+
+    def recv(self, src: int, float_dtype: torch.dtype) -> list[torch.Tensor]:
+        return self.recv_many([src], float_dtype)[0]
+
+
+class _Keep:
+    """A no-op work handle that holds references to buffers of in-flight sends."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+
+    def wait(self) -> bool:
+        return True
+
+
+def wait_all(works: list) -> None:
+    for w in works:
+        w.wait()

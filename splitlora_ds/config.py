@@ -1,0 +1,266 @@
+"""A run's configuration: dataclasses loaded from a recipe YAML plus `--set section.key=value` overrides.
+
+Every section is validated in `__post_init__` with errors that name the field and the value, and
+unknown keys are errors (a typo such as `train.max_step` must never be silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+MODES = ("split", "centralized")
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {value!r} is invalid; {rule}")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt2"
+    pretrained: Optional[str] = None  # local dir (always) or hub id (when online); None: random init
+    config: dict = field(default_factory=dict)  # HF config fields (random init) or overrides
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        _require(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation",
+                 self.attn_implementation, "use 'sdpa' or 'eager'")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None  # None: the model family's default
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
+        _require(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        if self.target_modules is not None:
+            _require(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
+                     "name at least one module, or leave it unset for the family default")
+
+
+@dataclass
+class SplitConfig:
+    client_layers: int = 2  # k: transformer blocks on each client (after the embeddings)
+    server_stages: int = 1  # S: pipeline stages the server's layers are partitioned into
+    partition_method: str = "uniform"  # how server blocks are spread over stages (DeepSpeed's names)
+    wire_dtype: Optional[str] = None  # dtype of activations/gradients on the wire; None: as computed
+
+    def __post_init__(self) -> None:
+        _require(self.client_layers >= 1, "split.client_layers", self.client_layers,
+                 "each client needs at least one transformer block")
+        _require(self.server_stages >= 1, "split.server_stages", self.server_stages, "must be >= 1")
+        _require(self.partition_method in ("uniform", "parameters"), "split.partition_method",
+                 self.partition_method, "use 'uniform' or 'parameters'")
+        _require(self.wire_dtype is None or self.wire_dtype in WIRE_DTYPES, "split.wire_dtype",
+                 self.wire_dtype, f"use one of {', '.join(WIRE_DTYPES)} or null")
+
+
+@dataclass
+class FederationConfig:
+    clients: int = 2  # C
+    aggregate_every: int = 1  # I: local steps between client-adapter averaging
+
+    def __post_init__(self) -> None:
+        _require(self.clients >= 1, "federation.clients", self.clients, "must be >= 1")
+        _require(self.aggregate_every >= 1, "federation.aggregate_every", self.aggregate_every,
+                 "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # the data set; 'synthetic' is generated in code (no download)
+    num_samples: int = 512  # synthetic only: how many examples to generate
+    tokenizer: Optional[str] = None  # None/'byte': built-in byte-level tokenizer; else AutoTokenizer source
+    max_length: int = 128
+    overlong: str = "truncate"  # what to do with samples longer than max_length
+    partition: str = "iid"
+
+    def __post_init__(self) -> None:
+        _require(self.source == "synthetic", "data.source", self.source,
+                 "only 'synthetic' is available in this version")
+        _require(self.num_samples >= 1, "data.num_samples", self.num_samples, "must be >= 1")
+        _require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
+        _require(self.overlong in ("truncate", "drop", "error"), "data.overlong", self.overlong,
+                 "use 'truncate', 'drop' or 'error'")
+        _require(self.partition == "iid", "data.partition", self.partition, "use 'iid'")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    batch_size: int = 4  # micro-batch per client and step
+    seed: int = 42
+    output_dir: Optional[str] = None  # where each role writes its final adapters (safetensors)
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/default"  # TensorBoard log dir; each role writes its own run under it
+    print_every: int = 10  # console line every N steps (TensorBoard gets every step)
+
+    def __post_init__(self) -> None:
+        _require(self.print_every >= 1, "log.print_every", self.print_every, "must be >= 1")
+
+
+@dataclass
+class DistConfig:
+    timeout_s: float = 300.0  # a rank waiting longer than this on a peer fails instead of hanging
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, "dist.timeout_s", self.timeout_s, "must be > 0")
+
+
+@dataclass
+class RunConfig:
+    mode: str = "split"
+    deepspeed_config: str = "ds_configs/cpu-fp32.json"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.mode in MODES, "mode", self.mode, f"use one of {', '.join(MODES)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a recipe YAML (or start from defaults when `recipe` is None) and apply overrides."""
+    raw: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"--recipe: file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--recipe: {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--recipe: {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(RunConfig, raw, prefix="")
+    if recipe is not None:
+        cfg.deepspeed_config = _resolve_path(cfg.deepspeed_config, Path(recipe).parent)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (`[q,v]`, `3`, `null`)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set: expected section.key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {text!r} is not valid YAML") from e
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _resolve_path(value: str, recipe_dir: Path) -> str:
+    """Relative paths work from the current directory or, failing that, from the recipe's folder
+    and its parent (so `recipes/x.yaml` can say `ds_configs/cpu-fp32.json` from anywhere)."""
+    p = Path(value)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    for base in (recipe_dir, recipe_dir.parent):
+        if (base / p).exists():
+            return str(base / p)
+    return str(p)
+
+
+def from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and values of the wrong type."""
+    where = prefix.rstrip(".") or "recipe"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        name = unknown[0]
+        hint = difflib.get_close_matches(name, fields, n=1)
+        did_you_mean = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
+        raise ConfigError(f"{prefix}{name}: unknown recipe key{did_you_mean} "
+                          f"(known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(raw[name], hints[name], f"{prefix}{name}") for name in raw}
+    return cls(**kwargs)
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, prefix=f"{name}.")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], name)
+    if origin is list:
+        if isinstance(value, str):  # `--set lora.target_modules=c_attn` means a one-item list
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    if origin is Literal:
+        return value
+    raise TypeError(f"unsupported config type {tp} for {name}")  # a bug in this file, not user input

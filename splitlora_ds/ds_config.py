@@ -1,0 +1,72 @@
+"""The DeepSpeed config (ds_config JSON) of each role.
+
+The file governs optimizer, LR scheduler, clipping and precision exactly as in any DeepSpeed job.
+Batch sizes are the trainer's: a client's micro-batch is `train.batch_size`, and the server
+stages see all C clients' micro-batches at once, so the trainer writes those keys per role.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_SCHEDULERS_WITH_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")
+
+
+def load_ds_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"deepspeed_config: file not found: {path}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed_config: {path} is not valid JSON: {e}") from e
+    check_ds_config(cfg, path)
+    return cfg
+
+
+def check_ds_config(cfg: dict, path: str) -> None:
+    """Reject settings the split engine cannot honour, naming the key."""
+    for key in _BATCH_KEYS:
+        if key in cfg and not (key == "gradient_accumulation_steps" and cfg[key] == 1):
+            raise ConfigError(
+                f"deepspeed_config: {path} sets '{key}'; the trainer derives batch sizes from "
+                "train.batch_size (per client) and federation.clients, so remove it")
+    if "optimizer" not in cfg or "type" not in cfg.get("optimizer", {}):
+        raise ConfigError(f"deepspeed_config: {path} has no optimizer.type (e.g. AdamW or SGD)")
+    if cfg.get("fp16", {}).get("enabled", False):
+        raise ConfigError(
+            f"deepspeed_config: {path} enables fp16; dynamic loss scaling does not carry across the "
+            "split (the scaled gradients would reach the clients), so use bf16 or fp32")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage != 0:
+        raise ConfigError(
+            f"deepspeed_config: {path} sets zero_optimization.stage={stage}; every rank is its own "
+            "data-parallel world here, so ZeRO has nothing to shard: use stage 0")
+
+
+def role_ds_config(base: dict, micro_batch: int, max_steps: int) -> dict:
+    """A copy of `base` with this role's batch size and the run length filled in."""
+    cfg = copy.deepcopy(base)
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = 1
+    cfg["train_batch_size"] = micro_batch  # each role is a data-parallel world of one
+    cfg.setdefault("steps_per_print", 10**9)  # our own metrics replace DeepSpeed's step prints
+    opt = cfg["optimizer"]
+    if opt["type"].lower() in ("adam", "adamw") and not torch.cuda.is_available():
+        # Without this DeepSpeed JIT-compiles its CPU/Fused Adam op (~50 s per fresh machine).
+        opt.setdefault("params", {}).setdefault("torch_adam", True)
+    sched = cfg.get("scheduler")
+    if sched and sched.get("type") in _SCHEDULERS_WITH_TOTAL:
+        sched.setdefault("params", {}).setdefault("total_num_steps", max_steps)
+    return cfg
+
+
+def precision_dtype(cfg: dict) -> torch.dtype:
+    return torch.bfloat16 if cfg.get("bf16", {}).get("enabled", False) else torch.float32

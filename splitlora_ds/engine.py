@@ -1,0 +1,171 @@
+"""Executes a role's instruction list (see schedule.py) on its stage, one step at a time.
+
+Each rank wraps its stage in its own DeepSpeed engine (optimizer, LR schedule, clipping and
+precision come from the ds_config), whose data-parallel world is the rank alone; FedAvg across
+clients is ours, every I steps. The server runs all clients' activations as one batch: a leaf
+tensor per client, padded to the longest sequence and concatenated, so after backward each
+leaf's .grad is exactly the gradient that client needs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import schedule as S
+from .aggregation import allreduce_weighted_average_
+from .comm import P2P
+from .stage import Stage
+from .topology import Groups, Role, Topology
+
+
+# Called after every instruction with (step, instruction, runner): for tracing, profiling and
+# tests that need to see adapters between an optimizer step and an averaging.
+Observer = Callable[[int, "S.Instruction", "StageRunner"], None]
+
+
+@dataclass
+class StepStats:
+    step: int
+    seconds: float = 0.0
+    loss: Optional[float] = None  # mean token loss over every client's tokens (last stage only)
+    tokens: int = 0
+    client_loss: list[float] = field(default_factory=list)
+    client_tokens: list[int] = field(default_factory=list)
+    lr: float = 0.0
+    averaged: bool = False
+
+
+class StageRunner:
+    def __init__(self, role: Role, topology: Topology, stage: Stage, engine, p2p: P2P,
+                 groups: Optional[Groups], aggregate_every: int,
+                 batches: Optional[Iterator[dict]] = None, fedavg_weight: float = 1.0,
+                 observers: Sequence[Observer] = ()):
+        self.role = role
+        self.topology = topology
+        self.stage = stage
+        self.engine = engine
+        self.p2p = p2p
+        self.groups = groups
+        self.aggregate_every = aggregate_every
+        self.batches = batches
+        self.fedavg_weight = fedavg_weight
+        self.observers = list(observers)
+        self.device = p2p.device
+        self._handlers = {
+            S.LoadBatch: self._load_batch,
+            S.Forward: self._forward,
+            S.SendActivations: self._send_activations,
+            S.RecvActivations: self._recv_activations,
+            S.ComputeLoss: self._compute_loss,
+            S.Backward: self._backward,
+            S.SendGrads: self._send_grads,
+            S.RecvGrads: self._recv_grads,
+            S.OptimizerStep: self._optimizer_step,
+            S.AverageAdapters: self._average_adapters,
+        }
+
+    # ------------------------------------------------------------------ driver
+    def train_step(self, step: int) -> StepStats:
+        self._reset()
+        self.stats = StepStats(step)
+        t0 = time.perf_counter()
+        for instruction in S.step_instructions(self.role, self.topology, step, self.aggregate_every):
+            self._handlers[type(instruction)](instruction)
+            for observe in self.observers:
+                observe(step, instruction, self)
+        self.stats.seconds = time.perf_counter() - t0
+        return self.stats
+
+    def _reset(self) -> None:
+        self.x = self.mask = self.labels = self.sizes = None
+        self.output = self.loss = self.grad_output = None
+        self.inputs: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ handlers
+    def _load_batch(self, _: S.LoadBatch) -> None:
+        batch = next(self.batches)
+        self.x = batch["input_ids"].to(self.device)
+        self.mask = batch["attention_mask"].to(self.device)
+        self.labels = batch["labels"].to(self.device)
+        # Rows contributed by each client (centralized batches pool all clients in order).
+        sizes = batch.get("client_sizes", [self.x.shape[0]])
+        self.sizes = torch.tensor(sizes, dtype=torch.int64, device=self.device)
+
+    def _forward(self, _: S.Forward) -> None:
+        self.output = self.engine(self.x, self.mask)
+
+    def _send_activations(self, ins: S.SendActivations) -> None:
+        self.p2p.send([self.output, self.mask, self.labels, self.sizes], ins.dst)
+
+    def _recv_activations(self, ins: S.RecvActivations) -> None:
+        bundles = self.p2p.recv_many(ins.srcs, self.stage.compute_dtype)
+        longest = max(hidden.shape[1] for hidden, *_ in bundles)
+        hs, masks, labels = [], [], []
+        for hidden, mask, lab, _sizes in bundles:
+            leaf = hidden.requires_grad_(True)
+            self.inputs.append(leaf)
+            pad = longest - hidden.shape[1]
+            # Right padding: padded keys are masked out and padded labels ignored, so a
+            # client's real tokens compute exactly what they would in its own batch.
+            hs.append(F.pad(leaf, (0, 0, 0, pad)))
+            masks.append(F.pad(mask, (0, pad), value=0))
+            labels.append(F.pad(lab, (0, pad), value=-100))
+        self.x = torch.cat(hs) if len(hs) > 1 else hs[0]
+        self.mask = torch.cat(masks)
+        self.labels = torch.cat(labels)
+        self.sizes = torch.cat([b[3] for b in bundles])
+
+    def _compute_loss(self, _: S.ComputeLoss) -> None:
+        logits = self.output[:, :-1].float()
+        targets = self.labels[:, 1:]
+        token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     ignore_index=-100, reduction="none").view(targets.shape)
+        valid = targets != -100
+        row_loss = token_loss.detach().sum(dim=1)
+        row_tokens = valid.sum(dim=1)
+        tokens = int(row_tokens.sum())
+        self.loss = token_loss.sum() / max(tokens, 1)
+        # Per-client figures for the client<i>/ tags.
+        per_client_loss = torch.stack([r.sum() for r in row_loss.split(self.sizes.tolist())])
+        per_client_tokens = torch.stack([r.sum() for r in row_tokens.split(self.sizes.tolist())])
+        self.stats.loss = float(self.loss.detach())
+        self.stats.tokens = tokens
+        self.stats.client_tokens = [int(t) for t in per_client_tokens]
+        self.stats.client_loss = [float(l) / max(int(t), 1) for l, t in zip(per_client_loss, per_client_tokens)]
+
+    def _backward(self, _: S.Backward) -> None:
+        if self.loss is not None:
+            self.engine.backward(self.loss)
+        else:
+            # d(sum(out * g))/d(params) = g^T d(out)/d(params): the chain rule across the cut.
+            self.engine.backward((self.output * self.grad_output).sum())
+
+    def _send_grads(self, ins: S.SendGrads) -> None:
+        works = []
+        for leaf, dst in zip(self.inputs, ins.dsts):
+            works += self.p2p.isend([leaf.grad], dst)
+        for w in works:
+            w.wait()
+
+    def _recv_grads(self, ins: S.RecvGrads) -> None:
+        (self.grad_output,) = self.p2p.recv(ins.src, self.output.dtype)
+
+    def _optimizer_step(self, _: S.OptimizerStep) -> None:
+        # The rate this step applies (DeepSpeed's schedulers advance inside engine.step()).
+        self.stats.lr = float(self.engine.optimizer.param_groups[0]["lr"])
+        self.engine.step()
+
+    def _average_adapters(self, _: S.AverageAdapters) -> None:
+        params = list(self.stage.adapter_parameters().values())
+        allreduce_weighted_average_(params, self.fedavg_weight, self.groups.clients)
+        # Mixed-precision optimizers keep fp32 master copies; they must take the average too,
+        # or the next step would write the un-averaged weights back.
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+        self.stats.averaged = True

@@ -1,0 +1,117 @@
+"""The split plan: which layers of the flat layer list each role holds, as plain validated data.
+
+Layer indices follow `models.base.LayerSpec`: 0 = embeddings, 1..L = transformer blocks,
+L + 1 = head (final norm + LM head). A client holds layers 0..k; the server's remaining blocks
+are spread over S pipeline stages with DeepSpeed's partitioners, the head on the last stage.
+Client split points are stored per client so heterogeneous clients need no new data structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from deepspeed.runtime.utils import partition_balanced, partition_uniform
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One role's slice of the layer list: layers[start:stop]."""
+
+    name: str  # "client0", "server0", ... ; "centralized" for the unsplit model
+    start: int
+    stop: int
+    num_blocks: int  # L of the whole model, to tell embeddings/blocks/head apart
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.stop)
+
+    @property
+    def holds_embedding(self) -> bool:
+        return self.start == 0
+
+    @property
+    def holds_head(self) -> bool:
+        return self.stop == self.num_blocks + 2
+
+    @property
+    def blocks(self) -> range:
+        """The transformer blocks (1-based layer indices) in this stage."""
+        return range(max(self.start, 1), min(self.stop, self.num_blocks + 1))
+
+    def describe(self) -> str:
+        parts = []
+        if self.holds_embedding:
+            parts.append("embeddings")
+        if len(self.blocks):
+            parts.append(f"blocks {self.blocks.start - 1}-{self.blocks.stop - 2}")
+        if self.holds_head:
+            parts.append("head")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    num_blocks: int
+    clients: tuple[StagePlan, ...]
+    server: tuple[StagePlan, ...]
+
+    def all_stages(self) -> tuple[StagePlan, ...]:
+        return self.clients + self.server
+
+
+def make_split_plan(
+    num_blocks: int,
+    client_layers: Sequence[int],
+    server_stages: int,
+    method: str = "uniform",
+    block_weights: Optional[Sequence[float]] = None,
+) -> SplitPlan:
+    """Plan the split for clients with cut points `client_layers` (one k per client).
+
+    `method` is DeepSpeed's partition method name for the server's blocks: "uniform" (equal block
+    counts) or "parameters" (balanced by `block_weights`, one weight per block of the model).
+    """
+    if not client_layers:
+        raise ConfigError("federation.clients: need at least one client")
+    for k in client_layers:
+        if not 1 <= k < num_blocks:
+            raise ConfigError(
+                f"split.client_layers: {k} is out of range; the model has {num_blocks} blocks, "
+                f"so a client holds 1..{num_blocks - 1} of them and the server the rest")
+    if len(set(client_layers)) != 1:
+        raise ConfigError(f"split.client_layers: per-client split points {list(client_layers)} "
+                          "are not supported yet; use one value for every client")
+    k = client_layers[0]
+    server_blocks = num_blocks - k
+    if server_stages > server_blocks:
+        raise ConfigError(
+            f"split.server_stages: {server_stages} stages need at least {server_stages} server blocks, "
+            f"but with split.client_layers={k} the server holds {server_blocks} of {num_blocks}")
+
+    if method == "uniform":
+        bounds = partition_uniform(server_blocks, server_stages)
+    elif method == "parameters":
+        if block_weights is None or len(block_weights) != num_blocks:
+            raise ValueError("partition method 'parameters' needs one weight per block")
+        bounds = partition_balanced(list(block_weights[k:]), server_stages)
+    else:
+        raise ConfigError(f"split.partition_method: unknown method {method!r}; use uniform or parameters")
+
+    clients = tuple(StagePlan(f"client{i}", 0, ki + 1, num_blocks) for i, ki in enumerate(client_layers))
+    first = k + 1
+    server = []
+    for s in range(server_stages):
+        start, stop = first + bounds[s], first + bounds[s + 1]
+        if s == server_stages - 1:
+            stop = num_blocks + 2  # the head rides with the last server stage
+        server.append(StagePlan(f"server{s}", start, stop, num_blocks))
+    return SplitPlan(num_blocks, clients, tuple(server))
+
+
+def centralized_plan(num_blocks: int) -> StagePlan:
+    """The whole model as one stage (mode=centralized)."""
+    return StagePlan("centralized", 0, num_blocks + 2, num_blocks)

@@ -1,0 +1,111 @@
+"""One training step as a list of instructions per role (after DeepSpeed's pipe/schedule.py).
+
+Pure functions of the topology and the step number: tested without processes, executed by
+`engine.StageRunner`. The server's first stage takes every client's activations in one step and
+runs them as one batch, so no client waits for another to be served.
+
+    client c:     LoadBatch Forward SendActivations RecvGrads Backward OptimizerStep [AverageAdapters]
+    server stage: RecvActivations Forward (ComputeLoss | SendActivations RecvGrads) Backward
+                  SendGrads OptimizerStep
+    centralized:  LoadBatch Forward ComputeLoss Backward OptimizerStep
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .topology import Role, Topology
+
+
+@dataclass(frozen=True)
+class Instruction:
+    pass
+
+
+@dataclass(frozen=True)
+class LoadBatch(Instruction):
+    pass
+
+
+@dataclass(frozen=True)
+class Forward(Instruction):
+    pass
+
+
+@dataclass(frozen=True)
+class SendActivations(Instruction):
+    dst: int
+
+
+@dataclass(frozen=True)
+class RecvActivations(Instruction):
+    srcs: tuple[int, ...]  # several sources are batched together in source order
+
+
+@dataclass(frozen=True)
+class ComputeLoss(Instruction):
+    pass
+
+
+@dataclass(frozen=True)
+class Backward(Instruction):
+    pass
+
+
+@dataclass(frozen=True)
+class SendGrads(Instruction):
+    dsts: tuple[int, ...]  # the gradient of each source's slice goes back to that source
+
+
+@dataclass(frozen=True)
+class RecvGrads(Instruction):
+    src: int
+
+
+@dataclass(frozen=True)
+class OptimizerStep(Instruction):
+    pass
+
+
+@dataclass(frozen=True)
+class AverageAdapters(Instruction):
+    pass
+
+
+def is_aggregation_step(step: int, aggregate_every: int) -> bool:
+    """Step numbers are 0-based; averaging follows every `aggregate_every`-th local step."""
+    return (step + 1) % aggregate_every == 0
+
+
+def client_step(topology: Topology, step: int, aggregate_every: int) -> list[Instruction]:
+    server = topology.server_rank(0)
+    out: list[Instruction] = [LoadBatch(), Forward(), SendActivations(server), RecvGrads(server),
+                              Backward(), OptimizerStep()]
+    if topology.clients > 1 and is_aggregation_step(step, aggregate_every):
+        out.append(AverageAdapters())
+    return out
+
+
+def server_step(topology: Topology, stage: int) -> list[Instruction]:
+    srcs = tuple(topology.client_ranks) if stage == 0 else (topology.server_rank(stage - 1),)
+    out: list[Instruction] = [RecvActivations(srcs), Forward()]
+    if stage == topology.server_stages - 1:
+        out += [ComputeLoss(), Backward()]
+    else:
+        nxt = topology.server_rank(stage + 1)
+        out += [SendActivations(nxt), RecvGrads(nxt), Backward()]
+    # Gradients go back before our own optimizer step so the upstream ranks resume sooner.
+    out += [SendGrads(srcs), OptimizerStep()]
+    return out
+
+
+def centralized_step() -> list[Instruction]:
+    return [LoadBatch(), Forward(), ComputeLoss(), Backward(), OptimizerStep()]
+
+
+def step_instructions(role: Role, topology: Topology, step: int, aggregate_every: int) -> list[Instruction]:
+    if role.kind == "client":
+        return client_step(topology, step, aggregate_every)
+    if role.kind == "server":
+        return server_step(topology, role.index)
+    return centralized_step()

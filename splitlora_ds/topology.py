@@ -1,0 +1,169 @@
+"""Roles, ranks and process groups of one split federated job.
+
+World of W = C + S ranks: ranks 0..C-1 are clients (each holds the client stage), ranks
+C..C+S-1 are the server's pipeline stages. The layout is plain data, checked before any
+collective call so that a wrong launch fails with a clear message on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Role:
+    kind: str  # "client" | "server" | "centralized"
+    index: int  # client index, or server stage index (0-based)
+    rank: int
+
+    @property
+    def name(self) -> str:
+        return "centralized" if self.kind == "centralized" else f"{self.kind}{self.index}"
+
+    @property
+    def is_client(self) -> bool:
+        return self.kind == "client"
+
+    @property
+    def is_server(self) -> bool:
+        return self.kind == "server"
+
+
+@dataclass(frozen=True)
+class Topology:
+    clients: int
+    server_stages: int
+
+    @property
+    def world_size(self) -> int:
+        return self.clients + self.server_stages
+
+    @property
+    def client_ranks(self) -> list[int]:
+        return list(range(self.clients))
+
+    @property
+    def server_ranks(self) -> list[int]:
+        return list(range(self.clients, self.world_size))
+
+    def server_rank(self, stage: int) -> int:
+        return self.clients + stage
+
+    def role_of(self, rank: int) -> Role:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world of {self.world_size}")
+        if rank < self.clients:
+            return Role("client", rank, rank)
+        return Role("server", rank - self.clients, rank)
+
+    def check_world_size(self, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise ConfigError(
+                f"world size {world_size} != federation.clients ({self.clients}) + "
+                f"split.server_stages ({self.server_stages}) = {self.world_size}; "
+                f"launch with `deepspeed --num_gpus {self.world_size} ...` or change the recipe")
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as set by the deepspeed launcher or torchrun; 0/1/0 alone."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def select_device(local_rank: int) -> torch.device:
+    """GPU when there is one (nccl), else CPU (gloo): the same config runs on both."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: float) -> None:
+    """Start torch.distributed through DeepSpeed with a bounded timeout.
+
+    A single process without launcher variables still gets a 1-rank world (mode=centralized), so
+    the same DeepSpeed engine code serves both modes.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # DeepSpeed JIT-builds a shared-memory all-reduce op at init on CPU (~30 s of compiling per
+    # fresh machine). It only speeds up large CPU all-reduces, which this job never does: our
+    # collectives are adapter averages. Marking it incompatible makes DeepSpeed skip it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SingleRankMPU:
+    """The `mpu` handed to `deepspeed.initialize` so each rank's engine is its own data-parallel
+    world: DeepSpeed must not average gradients across clients every step (FedAvg does that every
+    I steps), and never across client and server ranks, whose parameters differ."""
+
+    def __init__(self, group: dist.ProcessGroup, rank: int):
+        self._group = group
+        self._rank = rank
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self._group
+
+    def get_data_parallel_rank(self) -> int:
+        return 0
+
+    def get_data_parallel_world_size(self) -> int:
+        return 1
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return [self._rank]
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self._group
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+
+@dataclass
+class Groups:
+    clients: Optional[dist.ProcessGroup]  # the client ranks' all-reduce group (None off-group)
+    own: dist.ProcessGroup  # this rank alone, for its DeepSpeed engine
+
+
+def make_groups(topology: Topology, rank: int, timeout: timedelta) -> Groups:
+    """Create process groups; every rank must call this, in the same order, at the same time.
+
+    The timeout is passed explicitly: new groups do not inherit the default group's timeout.
+    """
+    clients = dist.new_group(topology.client_ranks, timeout=timeout)
+    own = None
+    for r in range(topology.world_size):
+        g = dist.new_group([r], timeout=timeout)
+        if r == rank:
+            own = g
+    assert own is not None
+    return Groups(clients if rank in topology.client_ranks else None, own)

@@ -1,0 +1,42 @@
+"""Entry point: parse, build, train, close.
+
+    deepspeed --num_gpus 3 --module splitlora_ds.train --recipe recipes/tiny-cpu.yaml
+    python -m splitlora_ds.train --recipe recipes/tiny-cpu.yaml --set mode=centralized
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import load_config
+from .errors import ConfigError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="splitlora_ds.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe field; the value is parsed as YAML (repeatable)")
+    # The deepspeed launcher appends --local_rank; the rank layout itself comes from the environment.
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from .trainer import prepare, train
+
+        cfg = load_config(args.recipe, args.overrides)
+        prep = prepare(cfg)
+    except ConfigError as e:
+        print(f"splitlora_ds: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    train(prep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Runs splitlora_ds.train and records each client's adapters after every optimizer step and
+every averaging (tests/test_federation.py reads them)."""
+
+import sys
+
+from safetensors.torch import save_file
+
+from splitlora_ds import schedule as S
+from splitlora_ds.config import load_config
+from splitlora_ds.train import parse_args
+from splitlora_ds.trainer import prepare, train
+
+out_dir = sys.argv.pop(sys.argv.index("--out") + 1)
+sys.argv.remove("--out")
+args = parse_args(sys.argv[1:])
+prep = prepare(load_config(args.recipe, args.overrides))
+snapshots = {}
+
+
+def record(step, instruction, runner):
+    tag = {S.OptimizerStep: "opt", S.AverageAdapters: "avg"}.get(type(instruction))
+    if runner.role.is_client and tag:
+        for name, p in runner.stage.adapter_parameters().items():
+            snapshots[f"{step}/{tag}/{name}"] = p.detach().clone()
+
+
+train(prep, observers=[record])
+if prep.role.is_client:
+    save_file(snapshots, f"{out_dir}/{prep.role.name}.safetensors")

@@ -1,0 +1,67 @@
+"""Bad input ends with one clear line naming the field, exit code 2, before any collective call."""
+
+import pytest
+
+from _launch import ROOT, launch, write_recipe
+from splitlora_ds.train import main
+
+
+@pytest.fixture
+def world(monkeypatch):
+    def set_world(rank, size):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(size))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+    return set_world
+
+
+CASES = [
+    (["--set", "split.client_layers=4"], "split.client_layers: 4 is out of range; the model has 4 blocks"),
+    (["--set", "model.family=bert"], "model.family: unknown family 'bert'"),
+    (["--set", "lora.target_modules=[nope]"], "lora.target_modules"),
+    (["--set", "deepspeed_config=/no/such/ds.json"], "deepspeed_config: file not found: /no/such/ds.json"),
+    (["--set", "data.tokenizer=./no/such/tokenizer"], "data.tokenizer"),
+    (["--set", "train.max_step=3"], "train.max_step: unknown recipe key; did you mean 'train.max_steps'?"),
+    (["--set", "data.num_samples=1"], "federation.clients: 2 clients but only 1 training samples"),
+    (["--set", "model.config.n_layerz=2"], "model.config.n_layerz"),
+]
+
+
+@pytest.mark.parametrize("rank", [0, 2])  # a client and the server report the same error
+@pytest.mark.parametrize("overrides,message", CASES)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, world, overrides, message, rank):
+    world(rank, 3)
+    recipe = write_recipe(tmp_path, federation={"clients": 2})
+    assert main(["--recipe", str(recipe), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("splitlora_ds: error: ")
+    assert message in err[-1]
+
+
+def test_missing_recipe(capsys, world):
+    world(0, 1)
+    assert main(["--recipe", "/no/such/recipe.yaml"]) == 2
+    assert "--recipe: file not found: /no/such/recipe.yaml" in capsys.readouterr().err
+
+
+def test_world_size_must_be_clients_plus_stages(tmp_path, capsys, world):
+    world(0, 2)
+    recipe = write_recipe(tmp_path, federation={"clients": 2})
+    assert main(["--recipe", str(recipe)]) == 2
+    assert ("world size 2 != federation.clients (2) + split.server_stages (1) = 3; "
+            "launch with `deepspeed --num_gpus 3 ...`") in capsys.readouterr().err
+
+
+def test_centralized_refuses_several_ranks(tmp_path, capsys, world):
+    world(0, 3)
+    recipe = write_recipe(tmp_path, mode="centralized")
+    assert main(["--recipe", str(recipe)]) == 2
+    assert "mode=centralized runs in one process" in capsys.readouterr().err
+
+
+@pytest.mark.launcher
+def test_wrong_world_size_under_the_launcher_fails_fast(tmp_path):
+    recipe = write_recipe(tmp_path, federation={"clients": 2})
+    proc = launch(2, ["--recipe", str(recipe)], timeout=120)
+    assert proc.returncode != 0
+    assert "splitlora_ds: error: world size 2 != federation.clients (2)" in proc.stdout + proc.stderr

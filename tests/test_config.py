@@ -1,0 +1,74 @@
+"""Recipe loading: overrides, strict keys, field-naming errors."""
+
+import pytest
+
+from splitlora_ds.config import RunConfig, apply_override, load_config
+from splitlora_ds.errors import ConfigError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_override_types(tmp_path):
+    cfg = load_config(write(tmp_path, "train: {max_steps: 3}\n"),
+                      ["federation.clients=3", "lora.target_modules=[q_proj,v_proj]", "split.wire_dtype=bfloat16",
+                       "mode=centralized", "log.dir=/tmp/x", "lora.alpha=8"])
+    assert cfg.train.max_steps == 3
+    assert cfg.federation.clients == 3
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.lora.alpha == 8.0 and isinstance(cfg.lora.alpha, float)
+    assert cfg.split.wire_dtype == "bfloat16"
+    assert cfg.mode == "centralized" and cfg.log.dir == "/tmp/x"
+    assert isinstance(cfg, RunConfig)
+
+
+def test_model_config_is_free_form_and_overridable(tmp_path):
+    cfg = load_config(write(tmp_path, "model: {config: {n_layer: 4}}\n"), ["model.config.n_embd=64"])
+    assert cfg.model.config == {"n_layer": 4, "n_embd": 64}
+
+
+@pytest.mark.parametrize("text,overrides,needle", [
+    ("train: {max_step: 3}\n", [], "train.max_step: unknown recipe key; did you mean 'train.max_steps'?"),
+    ("", ["federation.client=3"], "federation.client: unknown recipe key"),
+    ("trian: {}\n", [], "trian: unknown recipe key"),
+    ("", ["train.max_steps=many"], "train.max_steps: expected an integer, got 'many'"),
+    ("", ["train.max_steps=0"], "train.max_steps: 0 is invalid"),
+    ("", ["mode=parallel"], "mode: 'parallel' is invalid"),
+    ("", ["split.client_layers=0"], "split.client_layers: 0 is invalid"),
+    ("", ["federation.aggregate_every=0"], "federation.aggregate_every: 0 is invalid"),
+    ("", ["split.wire_dtype=int8"], "split.wire_dtype: 'int8' is invalid"),
+    ("", ["lora.dropout=1.5"], "lora.dropout: 1.5 is invalid"),
+    ("train: {max_steps: 3}\n", ["train.max_steps.x=1"], "'max_steps' is a value, not a section"),
+    ("", ["train.seed.x=1"], "train.seed: expected an integer, got {'x': 1}"),
+    ("", ["train.max_steps"], "expected section.key=value"),
+    ("- a\n- b\n", [], "must hold a mapping"),
+])
+def test_bad_recipes_name_the_field(tmp_path, text, overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text), overrides)
+    assert needle in str(e.value)
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="--recipe: file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_ds_config_path_resolves_from_recipe_folder(tmp_path, monkeypatch):
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "a.json").write_text("{}")
+    (tmp_path / "recipes").mkdir()
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text("deepspeed_config: ds_configs/a.json\n")
+    monkeypatch.chdir("/")
+    cfg = load_config(recipe)
+    assert cfg.deepspeed_config == str(tmp_path / "ds_configs" / "a.json")
+
+
+def test_apply_override_creates_sections():
+    raw = {}
+    apply_override(raw, "a.b.c=[1, 2]")
+    assert raw == {"a": {"b": {"c": [1, 2]}}}

@@ -1,0 +1,53 @@
+"""The split plan as data: which layers each role holds."""
+
+import pytest
+
+from splitlora_ds.errors import ConfigError
+from splitlora_ds.partition import centralized_plan, make_split_plan
+
+
+def test_one_server_stage_holds_the_rest():
+    plan = make_split_plan(num_blocks=4, client_layers=[2, 2], server_stages=1)
+    assert [(s.name, s.start, s.stop) for s in plan.all_stages()] == [
+        ("client0", 0, 3), ("client1", 0, 3), ("server0", 3, 6)]
+    c, s = plan.clients[0], plan.server[0]
+    assert c.holds_embedding and not c.holds_head and list(c.blocks) == [1, 2]
+    assert s.holds_head and not s.holds_embedding and list(s.blocks) == [3, 4]
+    assert c.describe() == "embeddings, blocks 0-1" and s.describe() == "blocks 2-3, head"
+
+
+def test_server_stages_cover_every_layer_once():
+    plan = make_split_plan(num_blocks=32, client_layers=[8] * 6, server_stages=2)
+    assert [(s.start, s.stop) for s in plan.server] == [(9, 21), (21, 34)]
+    covered = sorted(i for s in (plan.clients[0],) + plan.server for i in s.layers)
+    assert covered == list(range(34))
+
+
+def test_uneven_uniform_split_matches_deepspeed():
+    plan = make_split_plan(num_blocks=6, client_layers=[1], server_stages=2)
+    # 5 server blocks over 2 stages: DeepSpeed's partition_uniform gives 3 + 2.
+    assert [len(s.blocks) for s in plan.server] == [3, 2]
+
+
+def test_parameters_method_balances_head_weight():
+    weights = [1.0] * 6
+    weights[-1] += 3.0  # a heavy head rides with the last block
+    plan = make_split_plan(num_blocks=6, client_layers=[1], server_stages=2, method="parameters",
+                           block_weights=weights)
+    assert [len(s.blocks) for s in plan.server] == [4, 1]
+
+
+@pytest.mark.parametrize("k", [0, 4, 5])
+def test_split_point_out_of_range(k):
+    with pytest.raises(ConfigError, match=rf"split.client_layers: {k} is out of range; the model has 4 blocks"):
+        make_split_plan(num_blocks=4, client_layers=[k], server_stages=1)
+
+
+def test_too_many_server_stages():
+    with pytest.raises(ConfigError, match="split.server_stages: 3 stages need at least 3 server blocks"):
+        make_split_plan(num_blocks=4, client_layers=[2], server_stages=3)
+
+
+def test_centralized_plan_is_whole_model():
+    p = centralized_plan(3)
+    assert list(p.layers) == [0, 1, 2, 3, 4] and p.holds_embedding and p.holds_head
