@@ -40,14 +40,16 @@ def fedavg(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[
 
 @torch.no_grad()
 def allreduce_weighted_average_(tensors: Sequence[torch.Tensor], weight: float,
-                                group: Optional[dist.ProcessGroup]) -> None:
+                                group: Optional[dist.ProcessGroup],
+                                staging: Optional[torch.device] = None) -> None:
     """In place on every member of `group`: t <- sum_c weight_c * t_c (fp32 accumulation).
 
-    One flat buffer, one all-reduce: every member ends with bit-identical tensors.
+    One flat buffer, one all-reduce: every member ends with bit-identical tensors. `staging` is
+    the device the buffer travels from (host memory under gloo; default: the tensors' device).
     """
     if not tensors:
         return
-    flat = _flatten_dense_tensors([t.float() for t in tensors])
+    flat = _flatten_dense_tensors([t.float().to(staging or t.device) for t in tensors])
     flat.mul_(weight)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     for t, avg in zip(tensors, _unflatten_dense_tensors(flat, list(tensors))):

@@ -54,10 +54,16 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class P2P:
-    """Sends and receives bundles between this rank and its peers, counting bytes."""
+    """Sends and receives bundles between this rank and its peers, counting bytes.
 
-    def __init__(self, device: torch.device, wire_dtype: Optional[torch.dtype] = None):
+    `device` is where received tensors are used; `staging` is where they travel from and to: the
+    same device under nccl, host memory under gloo (which cannot send CUDA tensors).
+    """
+
+    def __init__(self, device: torch.device, wire_dtype: Optional[torch.dtype] = None,
+                 staging: Optional[torch.device] = None):
         self.device = device
+        self.staging = staging or device
         self.wire_dtype = wire_dtype
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -66,12 +72,12 @@ class P2P:
         t = t.detach()
         if self.wire_dtype is not None and t.is_floating_point():
             t = t.to(self.wire_dtype)
-        return t.to(self.device).contiguous()
+        return t.to(self.staging).contiguous()
 
     def isend(self, tensors: Sequence[torch.Tensor], dst: int) -> list:
         """Start sending a bundle; returns work handles to `wait()` on."""
         wire = [self._to_wire(t) for t in tensors]
-        header = encode_header(wire).to(self.device)
+        header = encode_header(wire).to(self.staging)
         works = [ds_comm.isend(header, dst)] + [ds_comm.isend(t, dst) for t in wire]
         self.bytes_sent += _nbytes(header) + sum(_nbytes(t) for t in wire)
         # Keep the buffers alive until the sends complete.
@@ -83,16 +89,17 @@ class P2P:
 
     def recv_many(self, srcs: Sequence[int], float_dtype: torch.dtype) -> list[list[torch.Tensor]]:
         """Receive one bundle from each of `srcs`, all at once (no source waits on another)."""
-        headers = [torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device) for _ in srcs]
+        headers = [torch.empty(HEADER_LEN, dtype=torch.int64, device=self.staging) for _ in srcs]
         wait_all([ds_comm.irecv(h, src) for h, src in zip(headers, srcs)])
         bundles, works = [], []
         for h, src in zip(headers, srcs):
-            bufs = [torch.empty(shape, dtype=dt, device=self.device) for dt, shape in decode_header(h)]
+            bufs = [torch.empty(shape, dtype=dt, device=self.staging) for dt, shape in decode_header(h)]
             works += [ds_comm.irecv(b, src) for b in bufs]
             bundles.append(bufs)
             self.bytes_received += _nbytes(h) + sum(_nbytes(b) for b in bufs)
         wait_all(works)
-        return [[b.to(float_dtype) if b.is_floating_point() else b for b in bufs] for bufs in bundles]
+        return [[b.to(self.device, float_dtype if b.is_floating_point() else b.dtype) for b in bufs]
+                for bufs in bundles]
 
     def recv(self, src: int, float_dtype: torch.dtype) -> list[torch.Tensor]:
         return self.recv_many([src], float_dtype)[0]

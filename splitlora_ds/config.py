@@ -126,9 +126,14 @@ class LogConfig:
 @dataclass
 class DistConfig:
     timeout_s: float = 300.0  # a rank waiting longer than this on a peer fails instead of hanging
+    # auto: DeepSpeed's choice (nccl on GPUs, gloo on CPU). gloo on GPU machines lets CPU-only
+    # clients and a GPU server share one job; tensors then travel through host memory.
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, "dist.timeout_s", self.timeout_s, "must be > 0")
+        _require(self.backend in ("auto", "gloo", "nccl"), "dist.backend", self.backend,
+                 "use 'auto', 'gloo' or 'nccl'")
 
 
 @dataclass

@@ -162,7 +162,7 @@ class StageRunner:
 
     def _average_adapters(self, _: S.AverageAdapters) -> None:
         params = list(self.stage.adapter_parameters().values())
-        allreduce_weighted_average_(params, self.fedavg_weight, self.groups.clients)
+        allreduce_weighted_average_(params, self.fedavg_weight, self.groups.clients, self.p2p.staging)
         # Mixed-precision optimizers keep fp32 master copies; they must take the average too,
         # or the next step would write the un-averaged weights back.
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)

@@ -88,7 +88,16 @@ def select_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: float) -> None:
+def share_cpu_threads() -> None:
+    """Without OMP_NUM_THREADS every CPU rank uses all cores and the ranks of one machine slow
+    each other down many times over; give each local rank its share instead."""
+    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
+        return
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+
+def init_distributed(timeout_s: float, backend: str = "auto") -> None:
     """Start torch.distributed through DeepSpeed with a bounded timeout.
 
     A single process without launcher variables still gets a 1-rank world (mode=centralized), so
@@ -106,7 +115,8 @@ def init_distributed(timeout_s: float) -> None:
     # fresh machine). It only speeds up large CPU all-reduces, which this job never does: our
     # collectives are adapter averages. Marking it incompatible makes DeepSpeed skip it.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+    kwargs = {} if backend == "auto" else {"dist_backend": backend}
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False, **kwargs)
 
 
 def _free_port() -> int:

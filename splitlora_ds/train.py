@@ -19,6 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe field; the value is parsed as YAML (repeatable)")
+    p.add_argument("--world-size", action="store_true",
+                   help="print the number of ranks the recipe needs (clients + server stages) and exit")
     # The deepspeed launcher appends --local_rank; the rank layout itself comes from the environment.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import prepare, train
 
         cfg = load_config(args.recipe, args.overrides)
+        if args.world_size:
+            print(1 if cfg.mode == "centralized" else cfg.federation.clients + cfg.split.server_stages)
+            return 0
         prep = prepare(cfg)
     except ConfigError as e:
         print(f"splitlora_ds: error: {e}", file=sys.stderr, flush=True)

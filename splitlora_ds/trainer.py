@@ -32,7 +32,8 @@ from .models import get_family
 from .models.lora import target_modules_in_family
 from .partition import SplitPlan, StagePlan, centralized_plan, make_split_plan
 from .stage import build_stage, save_adapters
-from .topology import Role, SingleRankMPU, Topology, env_world, init_distributed, make_groups, select_device
+from .topology import Role, SingleRankMPU, Topology, env_world, init_distributed, make_groups, select_device,
+                       share_cpu_threads
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -138,7 +139,8 @@ def _client_seed(seed: int, client: int) -> int:
 def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     cfg, role, topology = prep.cfg, prep.role, prep.topology
     std_logging.getLogger("DeepSpeed").setLevel(std_logging.WARNING)
-    init_distributed(cfg.dist.timeout_s)
+    share_cpu_threads()
+    init_distributed(cfg.dist.timeout_s, cfg.dist.backend)
     timeout = timedelta(seconds=cfg.dist.timeout_s)
     layout = topology if cfg.mode == "split" else Topology(1, 0)
     groups = make_groups(layout, prep.rank, timeout)
@@ -152,15 +154,17 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     engine, *_ = deepspeed.initialize(model=stage, model_parameters=list(stage.adapter_parameters().values()),
                                       config=ds_cfg, mpu=SingleRankMPU(groups.own, prep.rank))
 
+    # gloo cannot move CUDA tensors point to point: stage them through host memory.
+    staging = torch.device("cpu") if dist.get_backend() == "gloo" else device
     weight = 1.0
     if role.is_client and topology.clients > 1:
-        counts = torch.zeros(topology.clients, dtype=torch.float64)
+        counts = torch.zeros(topology.clients, dtype=torch.float64, device=staging)
         counts[role.index] = prep.num_samples
         dist.all_reduce(counts, group=groups.clients)
-        weight = sample_weights([int(c) for c in counts])[role.index]
+        weight = sample_weights([int(c) for c in counts.tolist()])[role.index]
 
     wire = _DTYPES[cfg.split.wire_dtype] if cfg.split.wire_dtype else None
-    p2p = P2P(device, wire)
+    p2p = P2P(device, wire, staging)
     runner = StageRunner(role, topology, stage, engine, p2p, groups, cfg.federation.aggregate_every,
                          prep.batches, weight, observers)
     main = role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)

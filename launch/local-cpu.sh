@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run a recipe on this machine's CPU cores: one rank per client and server stage, gloo backend.
+#   launch/local-cpu.sh recipes/tiny-cpu.yaml [--set section.key=value ...]
+# The world size comes from the recipe (federation.clients + split.server_stages); the cores are
+# shared out so that ranks do not fight over them (OMP_NUM_THREADS per rank, at least 1).
+set -euo pipefail
+recipe=${1:?usage: launch/local-cpu.sh RECIPE [--set section.key=value ...]}
+shift
+world=$(python -m splitlora_ds.train --recipe "$recipe" "$@" --world-size)
+threads=$(( $(nproc) / world ))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
+exec deepspeed --num_gpus "$world" --master_port "${MASTER_PORT:-29500}" \
+  --module splitlora_ds.train --recipe "$recipe" "$@"
