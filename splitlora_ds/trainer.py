@@ -32,8 +32,8 @@ from .models import get_family
 from .models.lora import target_modules_in_family
 from .partition import SplitPlan, StagePlan, centralized_plan, make_split_plan
 from .stage import build_stage, save_adapters
-from .topology import Role, SingleRankMPU, Topology, env_world, init_distributed, make_groups, select_device,
-                       share_cpu_threads
+from .topology import (Role, SingleRankMPU, Topology, env_world, init_distributed, make_groups, select_device,
+                       share_cpu_threads)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
