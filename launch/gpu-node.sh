@@ -5,7 +5,7 @@
 set -euo pipefail
 recipe=${1:?usage: launch/gpu-node.sh RECIPE [--set section.key=value ...]}
 shift
-world=$(python -m splitlora_ds.train --recipe "$recipe" "$@" --world-size)
+world=$(python -m splitlora_ds.train --recipe "$recipe" "$@" --world-size | tail -n 1)
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 if (( world > gpus )); then
   echo "launch/gpu-node.sh: the recipe needs $world ranks but this node has $gpus GPUs" >&2

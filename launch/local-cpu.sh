@@ -6,7 +6,7 @@
 set -euo pipefail
 recipe=${1:?usage: launch/local-cpu.sh RECIPE [--set section.key=value ...]}
 shift
-world=$(python -m splitlora_ds.train --recipe "$recipe" "$@" --world-size)
+world=$(python -m splitlora_ds.train --recipe "$recipe" "$@" --world-size | tail -n 1)
 threads=$(( $(nproc) / world ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
 exec deepspeed --num_gpus "$world" --master_port "${MASTER_PORT:-29500}" \

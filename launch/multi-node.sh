@@ -10,7 +10,7 @@ set -euo pipefail
 hostfile=${1:?usage: launch/multi-node.sh HOSTFILE RECIPE [--set section.key=value ...]}
 recipe=${2:?usage: launch/multi-node.sh HOSTFILE RECIPE [--set section.key=value ...]}
 shift 2
-world=$(python -m splitlora_ds.train --recipe "$recipe" "$@" --world-size)
+world=$(python -m splitlora_ds.train --recipe "$recipe" "$@" --world-size | tail -n 1)
 slots=$(awk '!/^[[:space:]]*#/ { for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) { split($i, a, "="); s += a[2] } }
              END { print s + 0 }' "$hostfile")
 if (( world != slots )); then

@@ -29,12 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from .trainer import prepare, train
-
         cfg = load_config(args.recipe, args.overrides)
         if args.world_size:
             print(1 if cfg.mode == "centralized" else cfg.federation.clients + cfg.split.server_stages)
             return 0
+        from .trainer import prepare, train  # DeepSpeed and transformers load only for real runs
+
         prep = prepare(cfg)
     except ConfigError as e:
         print(f"splitlora_ds: error: {e}", file=sys.stderr, flush=True)

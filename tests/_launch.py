@@ -58,6 +58,7 @@ def tiny_model(family: str) -> dict:
 
 
 def write_recipe(tmp_path: Path, family: str = "gpt2", **sections) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     recipe = {
         "deepspeed_config": str(ROOT / "ds_configs" / "cpu-sgd.json"),
         "model": tiny_model(family),

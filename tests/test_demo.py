@@ -32,3 +32,17 @@ def test_tiny_cpu_demo_trains_and_logs(tmp_path):
     # What the server receives is what the clients sent (activations, masks, labels, sizes).
     to_server = sum(read_scalars(str(tmp_path / f"client{c}"), "comm/bytes_sent")[-1][1] for c in (0, 1))
     assert read_scalars(str(tmp_path / "server0"), "comm/bytes_received")[-1][1] == to_server
+
+
+def test_local_cpu_wrapper_runs_the_recipe(tmp_path):
+    import subprocess
+
+    from _launch import free_port, rank_env
+
+    env = rank_env() | {"MASTER_PORT": str(free_port())}
+    env.pop("OMP_NUM_THREADS")  # the wrapper picks it
+    proc = subprocess.run(["bash", "launch/local-cpu.sh", "recipes/tiny-cpu.yaml", "--set", "train.max_steps=2",
+                           "--set", f"log.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    check(proc)
+    assert len(read_scalars(str(tmp_path / "server0"), "train/loss")) == 2

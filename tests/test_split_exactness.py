@@ -48,3 +48,18 @@ def test_split_equals_centralized(centralized, tmp_path, server_stages, client_l
     assert diff <= 1e-5
     # The B factors start at zero: a non-zero B proves both sides trained.
     assert all(split_adapters[k].abs().max() > 0 for k in split_adapters if "lora_B" in k)
+
+
+def test_bf16_wire_halves_traffic_and_stays_close(centralized, tmp_path):
+    family, ref_losses, _ = centralized
+    runs = {}
+    for wire in ("float32", "bfloat16"):
+        recipe = write_recipe(tmp_path / wire, family, split={"wire_dtype": wire})
+        check(launch(2, ["--recipe", str(recipe)]))
+        runs[wire] = tmp_path / wire / "tb"
+    sent = {w: read_scalars(str(d / "client0"), "comm/bytes_sent")[-1][1] for w, d in runs.items()}
+    # Activations dominate what a client sends; masks, labels and headers stay int64.
+    assert 0.5 < sent["bfloat16"] / sent["float32"] < 0.75
+    wire_losses = losses(runs["bfloat16"] / "server0")
+    assert max(abs(a - b) for a, b in zip(wire_losses, ref_losses)) < 1e-2
+    assert losses(runs["float32"] / "server0") == pytest.approx(ref_losses, abs=1e-5)
