@@ -29,6 +29,8 @@ def rank_env() -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"  # ranks share 2 cores; more threads each only fight
     env["PYTHONUNBUFFERED"] = "1"
+    # The interpreter running the tests, and its deepspeed, come first (also when not activated).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
