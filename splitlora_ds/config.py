@@ -45,8 +45,15 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: Optional[list[str]] = None  # None: the model family's default
+    # GPT-2's c_attn is one fused q|k|v projection; this lists the slices its LoRA update may
+    # change (the LoRA paper adapts [q, v]). None: all three.
+    fused_qkv: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
+        if self.fused_qkv is not None:
+            _require(len(self.fused_qkv) > 0 and set(self.fused_qkv) <= {"q", "k", "v"}
+                     and len(set(self.fused_qkv)) == len(self.fused_qkv),
+                     "lora.fused_qkv", self.fused_qkv, "list some of q, k, v (each once), or null for all")
         _require(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
         _require(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
@@ -83,35 +90,80 @@ class FederationConfig:
                  "must be >= 1")
 
 
+DATA_SOURCES = ("synthetic", "e2e", "instruction")
+PARTITIONS = ("iid", "dirichlet", "by_file")
+
+
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # the data set; 'synthetic' is generated in code (no download)
+    source: str = "synthetic"  # synthetic (generated in code) | e2e | instruction (Alpaca-style)
+    path: Optional[str] = None  # e2e/instruction: local file (CSV, JSON, JSONL) or hub dataset name
+    files: Optional[list[str]] = None  # partition=by_file: one local file per client, in client order
+    validation: Optional[str] = None  # a separate validation file (or hub split name)
+    validation_fraction: float = 0.0  # else hold out this fraction of the distinct prompts
     num_samples: int = 512  # synthetic only: how many examples to generate
+    limit: Optional[int] = None  # keep only the first N training examples (quick runs)
     tokenizer: Optional[str] = None  # None/'byte': built-in byte-level tokenizer; else AutoTokenizer source
     max_length: int = 128
-    overlong: str = "truncate"  # what to do with samples longer than max_length
-    partition: str = "iid"
+    overlong: str = "truncate"  # what to do with samples longer than max_length: truncate | drop | error
+    partition: str = "iid"  # how training samples are spread over clients
+    dirichlet_alpha: float = 0.5  # partition=dirichlet: smaller = more skewed label mix per client
+    partition_key: Optional[str] = None  # partition=dirichlet: the categorical field (E2E: eatType, ...)
+    chat_template: bool = True  # instruction data: use the tokenizer's chat template when it has one
+    cache_dir: Optional[str] = None  # tokenized shards are cached here (default: datasets' cache)
 
     def __post_init__(self) -> None:
-        _require(self.source == "synthetic", "data.source", self.source,
-                 "only 'synthetic' is available in this version")
+        _require(self.source in DATA_SOURCES, "data.source", self.source, f"use one of {', '.join(DATA_SOURCES)}")
         _require(self.num_samples >= 1, "data.num_samples", self.num_samples, "must be >= 1")
+        _require(self.limit is None or self.limit >= 1, "data.limit", self.limit, "must be >= 1 or null")
         _require(self.max_length >= 8, "data.max_length", self.max_length, "must be >= 8")
         _require(self.overlong in ("truncate", "drop", "error"), "data.overlong", self.overlong,
                  "use 'truncate', 'drop' or 'error'")
-        _require(self.partition == "iid", "data.partition", self.partition, "use 'iid'")
+        _require(self.partition in PARTITIONS, "data.partition", self.partition, f"use one of {', '.join(PARTITIONS)}")
+        _require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", self.validation_fraction,
+                 "must be in [0, 1)")
+        _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "must be > 0")
+        if self.source != "synthetic" and self.partition != "by_file":
+            _require(self.path is not None, "data.path", self.path, f"data.source={self.source} needs a file or hub name")
+        if self.partition == "by_file":
+            _require(bool(self.files), "data.files", self.files, "partition=by_file needs one file per client")
+        if self.partition == "dirichlet":
+            _require(self.partition_key is not None, "data.partition_key", self.partition_key,
+                     "partition=dirichlet needs the categorical field to skew (e.g. eatType)")
+        _require(self.validation is None or self.validation_fraction == 0.0, "data.validation_fraction",
+                 self.validation_fraction, "set either data.validation (a file) or a held-out fraction, not both")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
+    max_steps: Optional[int] = None  # steps per rank; when set it wins over epochs (as in HF Trainer)
+    epochs: Optional[float] = None  # else passes over the mean client shard: ceil(epochs * N / (C * batch))
     batch_size: int = 4  # micro-batch per client and step
     seed: int = 42
+    label_smoothing: float = 0.0  # training loss only; eval/loss is plain cross-entropy
     output_dir: Optional[str] = None  # where each role writes its final adapters (safetensors)
 
     def __post_init__(self) -> None:
-        _require(self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
+        _require(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
+        _require(self.max_steps is not None or self.epochs is not None, "train.max_steps", self.max_steps,
+                 "set train.max_steps or train.epochs")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
+                 "must be in [0, 1)")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # validation loss every N steps (0: only after the last step); needs validation data
+    batch_size: Optional[int] = None  # per client; default train.batch_size
+    max_batches: Optional[int] = None  # per client and evaluation; None: the whole validation shard
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", self.every, "must be >= 0")
+        _require(self.batch_size is None or self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        _require(self.max_batches is None or self.max_batches >= 1, "eval.max_batches", self.max_batches,
+                 "must be >= 1 or null")
 
 
 @dataclass
@@ -145,7 +197,8 @@ class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -176,7 +229,15 @@ def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConf
         apply_override(raw, item)
     cfg = from_dict(RunConfig, raw, prefix="")
     if recipe is not None:
-        cfg.deepspeed_config = _resolve_path(cfg.deepspeed_config, Path(recipe).parent)
+        base = Path(recipe).parent
+        cfg.deepspeed_config = _resolve_path(cfg.deepspeed_config, base)
+        # Only values that name an existing file or folder change: hub ids pass through.
+        d = cfg.data
+        d.path, d.validation, d.tokenizer = (_resolve_path(v, base) if v else v
+                                             for v in (d.path, d.validation, d.tokenizer))
+        d.files = [_resolve_path(f, base) for f in d.files] if d.files else d.files
+        if cfg.model.pretrained:
+            cfg.model.pretrained = _resolve_path(cfg.model.pretrained, base)
     return cfg
 
 

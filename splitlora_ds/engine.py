@@ -38,13 +38,43 @@ class StepStats:
     client_tokens: list[int] = field(default_factory=list)
     lr: float = 0.0
     averaged: bool = False
+    loss_sum: float = 0.0
+
+
+@dataclass
+class EvalStats:
+    """Token-weighted validation loss over every client's validation data."""
+
+    loss_sum: float = 0.0
+    tokens: int = 0
+    client_loss_sum: list[float] = field(default_factory=list)
+    client_tokens: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, step: StepStats) -> None:
+        self.loss_sum += step.loss_sum
+        self.tokens += step.tokens
+        if not self.client_tokens:
+            self.client_loss_sum = [0.0] * len(step.client_tokens)
+            self.client_tokens = [0] * len(step.client_tokens)
+        for c, (loss, tokens) in enumerate(zip(step.client_loss, step.client_tokens)):
+            self.client_loss_sum[c] += loss * tokens
+            self.client_tokens[c] += tokens
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+    @property
+    def client_loss(self) -> list[float]:
+        return [s / max(t, 1) for s, t in zip(self.client_loss_sum, self.client_tokens)]
 
 
 class StageRunner:
     def __init__(self, role: Role, topology: Topology, stage: Stage, engine, p2p: P2P,
                  groups: Optional[Groups], aggregate_every: int,
                  batches: Optional[Iterator[dict]] = None, fedavg_weight: float = 1.0,
-                 observers: Sequence[Observer] = ()):
+                 observers: Sequence[Observer] = (), label_smoothing: float = 0.0):
         self.role = role
         self.topology = topology
         self.stage = stage
@@ -55,9 +85,13 @@ class StageRunner:
         self.batches = batches
         self.fedavg_weight = fedavg_weight
         self.observers = list(observers)
+        self.label_smoothing = label_smoothing
+        self.training = True
+        self.eval_batches: Optional[Iterator[dict]] = None
         self.device = p2p.device
         self._handlers = {
             S.LoadBatch: self._load_batch,
+            S.LoadEvalBatch: self._load_eval_batch,
             S.Forward: self._forward,
             S.SendActivations: self._send_activations,
             S.RecvActivations: self._recv_activations,
@@ -81,6 +115,38 @@ class StageRunner:
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
 
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence[dict], num_batches: int) -> Optional[EvalStats]:
+        """One pass over validation data: every client sends `num_batches` batches (empty ones
+        once its own shard is exhausted); the last stage returns the token-weighted loss."""
+        self.engine.eval()
+        self.training = False
+        empty = {"input_ids": torch.zeros(0, 1, dtype=torch.long),
+                 "attention_mask": torch.zeros(0, 1, dtype=torch.long),
+                 "labels": torch.full((0, 1), -100, dtype=torch.long)}
+        self.eval_batches = iter(list(batches)[:num_batches] + [empty] * max(0, num_batches - len(batches)))
+        result = EvalStats() if self._computes_loss() else None
+        t0 = time.perf_counter()
+        try:
+            for _ in range(num_batches):
+                self._reset()
+                self.stats = StepStats(-1)
+                for instruction in S.eval_instructions(self.role, self.topology):
+                    self._handlers[type(instruction)](instruction)
+                if result is not None:
+                    result.add(self.stats)
+        finally:
+            self.engine.train()
+            self.training = True
+            self.eval_batches = None
+        if result is not None:
+            result.seconds = time.perf_counter() - t0
+        return result
+
+    def _computes_loss(self) -> bool:
+        return self.role.kind == "centralized" or (
+            self.role.is_server and self.role.index == self.topology.server_stages - 1)
+
     def _reset(self) -> None:
         self.x = self.mask = self.labels = self.sizes = None
         self.output = self.loss = self.grad_output = None
@@ -88,7 +154,9 @@ class StageRunner:
 
     # ------------------------------------------------------------------ handlers
     def _load_batch(self, _: S.LoadBatch) -> None:
-        batch = next(self.batches)
+        self._use_batch(next(self.batches))
+
+    def _use_batch(self, batch: dict) -> None:
         self.x = batch["input_ids"].to(self.device)
         self.mask = batch["attention_mask"].to(self.device)
         self.labels = batch["labels"].to(self.device)
@@ -96,7 +164,16 @@ class StageRunner:
         sizes = batch.get("client_sizes", [self.x.shape[0]])
         self.sizes = torch.tensor(sizes, dtype=torch.int64, device=self.device)
 
+    def _load_eval_batch(self, _: S.LoadEvalBatch) -> None:
+        self._use_batch(next(self.eval_batches))
+
     def _forward(self, _: S.Forward) -> None:
+        if self.x.shape[0] == 0:
+            # A client with no evaluation rows left sends an empty activation (attention kernels
+            # reject zero-row batches, and there is nothing to compute).
+            self.output = torch.zeros(0, self.x.shape[1], self.stage.hidden_size,
+                                      dtype=self.stage.compute_dtype, device=self.device)
+            return
         self.output = self.engine(self.x, self.mask)
 
     def _send_activations(self, ins: S.SendActivations) -> None:
@@ -123,8 +200,10 @@ class StageRunner:
     def _compute_loss(self, _: S.ComputeLoss) -> None:
         logits = self.output[:, :-1].float()
         targets = self.labels[:, 1:]
+        smoothing = self.label_smoothing if self.training else 0.0  # eval/loss: plain cross-entropy
         token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                     ignore_index=-100, reduction="none").view(targets.shape)
+                                     ignore_index=-100, reduction="none",
+                                     label_smoothing=smoothing).view(targets.shape)
         valid = targets != -100
         row_loss = token_loss.detach().sum(dim=1)
         row_tokens = valid.sum(dim=1)
@@ -134,6 +213,7 @@ class StageRunner:
         per_client_loss = torch.stack([r.sum() for r in row_loss.split(self.sizes.tolist())])
         per_client_tokens = torch.stack([r.sum() for r in row_tokens.split(self.sizes.tolist())])
         self.stats.loss = float(self.loss.detach())
+        self.stats.loss_sum = float(row_loss.sum())
         self.stats.tokens = tokens
         self.stats.client_tokens = [int(t) for t in per_client_tokens]
         self.stats.client_loss = [float(l) / max(int(t), 1) for l, t in zip(per_client_loss, per_client_tokens)]

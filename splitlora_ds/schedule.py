@@ -8,6 +8,11 @@ runs them as one batch, so no client waits for another to be served.
     server stage: RecvActivations Forward (ComputeLoss | SendActivations RecvGrads) Backward
                   SendGrads OptimizerStep
     centralized:  LoadBatch Forward ComputeLoss Backward OptimizerStep
+
+An evaluation batch is the forward half alone (no gradients, no optimizer):
+
+    client c:     LoadEvalBatch Forward SendActivations
+    server stage: RecvActivations Forward (ComputeLoss | SendActivations)
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ class Instruction:
 
 @dataclass(frozen=True)
 class LoadBatch(Instruction):
+    pass
+
+
+@dataclass(frozen=True)
+class LoadEvalBatch(Instruction):
     pass
 
 
@@ -109,3 +119,20 @@ def step_instructions(role: Role, topology: Topology, step: int, aggregate_every
     if role.kind == "server":
         return server_step(topology, role.index)
     return centralized_step()
+
+
+def eval_instructions(role: Role, topology: Topology) -> list[Instruction]:
+    if role.kind == "client":
+        return [LoadEvalBatch(), Forward(), SendActivations(topology.server_rank(0))]
+    if role.kind == "server":
+        stage = role.index
+        srcs = tuple(topology.client_ranks) if stage == 0 else (topology.server_rank(stage - 1),)
+        last = stage == topology.server_stages - 1
+        return [RecvActivations(srcs), Forward(),
+                ComputeLoss() if last else SendActivations(topology.server_rank(stage + 1))]
+    return [LoadEvalBatch(), Forward(), ComputeLoss()]
+
+
+def is_eval_step(step: int, eval_every: int, max_steps: int) -> bool:
+    """Evaluate after every `eval_every`-th step (0: never mid-run) and after the last one."""
+    return step == max_steps - 1 or (eval_every > 0 and (step + 1) % eval_every == 0)

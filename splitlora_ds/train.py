@@ -19,6 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe field; the value is parsed as YAML (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the split plan (layers, parameters, trainable parameters per role) and exit; "
+                        "downloads nothing")
     p.add_argument("--world-size", action="store_true",
                    help="print the number of ranks the recipe needs (clients + server stages) and exit")
     # The deepspeed launcher appends --local_rank; the rank layout itself comes from the environment.
@@ -35,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .trainer import prepare, train  # DeepSpeed and transformers load only for real runs
 
-        prep = prepare(cfg)
+        prep = prepare(cfg, dry_run=args.dry_run)
+        if args.dry_run:
+            from .plan_report import plan_report
+
+            print(plan_report(cfg, prep.family, prep.hf_config, prep.plan, args.recipe))
+            return 0
     except ConfigError as e:
         print(f"splitlora_ds: error: {e}", file=sys.stderr, flush=True)
         return 2

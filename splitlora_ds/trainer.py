@@ -8,10 +8,11 @@ with the same one-line error everywhere instead of a hang.
 from __future__ import annotations
 
 import logging as std_logging
+import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterator, Optional, Sequence
 
@@ -23,9 +24,11 @@ import yaml
 from .aggregation import sample_weights
 from .comm import P2P
 from .config import RunConfig
-from .data import ClientBatches, iid_partition, load_tokenizer, make_data_to_text, pooled_batches, tokenize_examples
+from .data import ClientBatches, collate, concat_batches, load_tokenizer, pooled_batches
+from .data.build import DataPlan, plan_data, tokenize_client
 from .ds_config import load_ds_config, role_ds_config
 from .engine import Observer, StageRunner
+from .schedule import is_eval_step
 from .errors import ConfigError
 from .logging import MetricsWriter
 from .models import get_family
@@ -52,35 +55,44 @@ class Prepared:
     family: object
     hf_config: object
     ds_config: dict
-    batches: Optional[Iterator[dict]]
-    num_samples: int  # this client's sample count (FedAvg weight); all samples when centralized
+    max_steps: int = 0
+    data_plan: Optional[DataPlan] = None
+    batches: Optional[Iterator[dict]] = None
+    eval_batches: list[dict] = field(default_factory=list)  # this rank's validation batches, in order
+    num_eval_batches: int = 0  # per evaluation, the same on every rank (0: no validation data)
+    num_samples: int = 0  # this client's sample count (FedAvg weight); all samples when centralized
 
 
-def prepare(cfg: RunConfig) -> Prepared:
+def prepare(cfg: RunConfig, dry_run: bool = False) -> Prepared:
+    """Validate everything and plan this rank's part. `dry_run`: plan only (no data, no world)."""
     rank, world, local_rank = env_world()
     family = get_family(cfg.model.family)
-    hf_config = family.load_config(cfg.model.pretrained, cfg.model.config, cfg.model.attn_implementation)
+    hf_config = family.load_config(cfg.model.pretrained, cfg.model.config, cfg.model.attn_implementation,
+                                   offline_known=dry_run)
     num_blocks = family.num_blocks(hf_config)
     target_modules_in_family(family, hf_config, cfg.lora.target_modules or list(family.default_target_modules))
+    if cfg.lora.fused_qkv is not None:
+        family.restrict_fused_qkv(torch.nn.Module(), hf_config, cfg.lora.rank, cfg.lora.fused_qkv)  # refuses if unsupported
     ds_config = load_ds_config(cfg.deepspeed_config)
     topology = Topology(cfg.federation.clients, cfg.split.server_stages)
 
     if cfg.mode == "split":
-        topology.check_world_size(world)
         plan = make_split_plan(num_blocks, [cfg.split.client_layers] * topology.clients,
                                topology.server_stages, cfg.split.partition_method,
                                _block_weights(family, hf_config) if cfg.split.partition_method == "parameters" else None)
-        role = topology.role_of(rank)
+        if not dry_run:
+            topology.check_world_size(world)
+        role = topology.role_of(rank if not dry_run else 0)
         stage_plan = plan.clients[role.index] if role.is_client else plan.server[role.index]
     else:
-        if world != 1:
+        if world != 1 and not dry_run:
             raise ConfigError(f"mode=centralized runs in one process, but the world size is {world}; "
                               "run it with `python -m splitlora_ds.train ... --set mode=centralized`")
         plan, role, stage_plan = None, Role("centralized", 0, 0), centralized_plan(num_blocks)
-
-    batches, num_samples = _prepare_data(cfg, role, hf_config)
-    return Prepared(cfg, rank, local_rank, role, topology, plan, stage_plan, family, hf_config,
-                    ds_config, batches, num_samples)
+    prep = Prepared(cfg, rank, local_rank, role, topology, plan, stage_plan, family, hf_config, ds_config)
+    if not dry_run:
+        _prepare_data(prep)
+    return prep
 
 
 def _block_weights(family, hf_config) -> list[float]:
@@ -95,38 +107,62 @@ def _block_weights(family, hf_config) -> list[float]:
     return weights
 
 
-def _prepare_data(cfg: RunConfig, role: Role, hf_config) -> tuple[Optional[Iterator[dict]], int]:
-    """Clients tokenize only their own shard; the server needs no data (labels come with the
-    activations); the centralized run pools every client's batches step by step."""
-    d = cfg.data
+def _prepare_data(prep: Prepared) -> None:
+    """Every rank plans the data (cheap: no tokenization) so that errors surface everywhere and
+    all ranks agree on the run length and the number of evaluation batches. Clients tokenize only
+    their own shard; the server needs no data (labels come with the activations); the centralized
+    run pools every client's batches step by step."""
+    cfg, role = prep.cfg, prep.role
+    d, clients, seed = cfg.data, cfg.federation.clients, cfg.train.seed
     tokenizer = load_tokenizer(d.tokenizer)
-    vocab = getattr(hf_config, "vocab_size", None)
+    vocab = getattr(prep.hf_config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ConfigError(f"model.config.vocab_size: {vocab} is smaller than the tokenizer's "
                           f"{len(tokenizer)} tokens ({d.tokenizer or 'byte'})")
-    positions = getattr(hf_config, "n_positions", None) or getattr(hf_config, "max_position_embeddings", None)
+    positions = getattr(prep.hf_config, "n_positions", None) or getattr(prep.hf_config, "max_position_embeddings", None)
     if positions is not None and d.max_length > positions:
         raise ConfigError(f"data.max_length: {d.max_length} exceeds the model's {positions} positions")
-    examples = make_data_to_text(d.num_samples, cfg.train.seed)
-    shards = iid_partition(len(examples), cfg.federation.clients, cfg.train.seed)
+    data_plan = plan_data(d, clients, seed)
+    prep.data_plan = data_plan
+    counts = data_plan.sample_counts()
+    prep.max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * (sum(counts) / clients) / cfg.train.batch_size)
+    eval_bs = cfg.eval.batch_size or cfg.train.batch_size
+    longest_val = max(len(v) for v in data_plan.val_shards) if data_plan.val_shards else 0
+    prep.num_eval_batches = min(math.ceil(longest_val / eval_bs), cfg.eval.max_batches or 10**12)
     if role.is_server:
-        return None, 0
-    owned = [role.index] if role.is_client else list(range(cfg.federation.clients))
-    streams = []
+        return
+
+    owned = [role.index] if role.is_client else list(range(clients))
+    streams, val_batches = [], []
     for c in owned:
-        tokenized, counts = tokenize_examples([examples[i] for i in shards[c]], tokenizer, d.max_length,
-                                              overlong=d.overlong, source=f"client{c} shard")
-        if counts.truncated or counts.dropped:
-            print(f"[splitlora_ds] client{c}: {counts.truncated} samples truncated, {counts.dropped} "
+        train_rows, val_rows, tok_counts = tokenize_client(data_plan, c, tokenizer, d)
+        if tok_counts.truncated or tok_counts.dropped:
+            print(f"[splitlora_ds] client{c}: {tok_counts.truncated} samples truncated, {tok_counts.dropped} "
                   f"dropped (data.overlong={d.overlong}, data.max_length={d.max_length})", file=sys.stderr)
-        if not tokenized:
+        if not train_rows:
             raise ConfigError(f"data: client{c} has no samples left after data.overlong={d.overlong}")
-        streams.append(ClientBatches(tokenized, cfg.train.batch_size, _client_seed(cfg.train.seed, c),
-                                     tokenizer.pad_token_id))
-    total = sum(s.num_samples for s in streams)
+        streams.append(ClientBatches(train_rows, cfg.train.batch_size, _client_seed(seed, c), tokenizer.pad_token_id))
+        val_batches.append([collate(val_rows[i:i + eval_bs], tokenizer.pad_token_id)
+                            for i in range(0, len(val_rows), eval_bs)][:prep.num_eval_batches])
+    prep.num_samples = sum(s.num_samples for s in streams)
     if role.is_client:
-        return streams[0], total
-    return pooled_batches(streams, tokenizer.pad_token_id), total
+        prep.batches, prep.eval_batches = streams[0], val_batches[0]
+    else:
+        prep.batches = pooled_batches(streams, tokenizer.pad_token_id)
+        prep.eval_batches = _pool_eval_batches(val_batches, prep.num_eval_batches, tokenizer.pad_token_id)
+
+
+def _pool_eval_batches(per_client: list[list[dict]], count: int, pad_token_id: int) -> list[dict]:
+    """The centralized run's evaluation batches: batch j joins every client's j-th batch, so it
+    scores exactly the tokens the split run's server scores."""
+    pooled = []
+    for j in range(count):
+        parts = [batches[j] for batches in per_client if j < len(batches)]
+        batch = concat_batches(parts, pad_token_id)
+        batch["client_sizes"] = [batches[j]["input_ids"].shape[0] if j < len(batches) else 0
+                                 for batches in per_client]
+        pooled.append(batch)
+    return pooled
 
 
 def _client_seed(seed: int, client: int) -> int:
@@ -150,7 +186,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     stage = build_stage(prep.family, prep.hf_config, prep.stage_plan, cfg.lora, cfg.train.seed,
                         cfg.model.pretrained).to(device)
     micro = cfg.train.batch_size * (topology.clients if (role.is_server or role.kind == "centralized") else 1)
-    ds_cfg = role_ds_config(prep.ds_config, micro, cfg.train.max_steps)
+    ds_cfg = role_ds_config(prep.ds_config, micro, prep.max_steps)
     engine, *_ = deepspeed.initialize(model=stage, model_parameters=list(stage.adapter_parameters().values()),
                                       config=ds_cfg, mpu=SingleRankMPU(groups.own, prep.rank))
 
@@ -166,18 +202,21 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     wire = _DTYPES[cfg.split.wire_dtype] if cfg.split.wire_dtype else None
     p2p = P2P(device, wire, staging)
     runner = StageRunner(role, topology, stage, engine, p2p, groups, cfg.federation.aggregate_every,
-                         prep.batches, weight, observers)
+                         prep.batches, weight, observers, cfg.train.label_smoothing)
     main = role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)
     writer = MetricsWriter(cfg.log.dir, role.name)
     if main:
         _announce(prep)
         writer.text("config", f"```\n{_yaml(cfg)}\n```")
+        writer.text("data", f"```\n{prep.data_plan.describe()}\n```")
     if role.is_client:
-        writer.scalars(0, {f"client{role.index}/samples": prep.num_samples,
-                           f"client{role.index}/fedavg_weight": weight})
+        c = role.index
+        writer.scalars(0, {f"client{c}/samples": prep.num_samples, f"client{c}/fedavg_weight": weight})
+        writer.text(f"client{c}/label_histogram", str(prep.data_plan.histograms[c]))
 
+    max_steps = prep.max_steps
     t_start = time.perf_counter()
-    for step in range(cfg.train.max_steps):
+    for step in range(max_steps):
         stats = runner.train_step(step)
         values = {"time/step_s": stats.seconds, "train/lr": stats.lr,
                   "comm/bytes_sent": p2p.bytes_sent, "comm/bytes_received": p2p.bytes_received}
@@ -187,18 +226,28 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
             for c, (loss, tokens) in enumerate(zip(stats.client_loss, stats.client_tokens)):
                 values[f"client{c}/loss"] = loss
                 values[f"client{c}/tokens"] = tokens
-        writer.scalars(step, values)
-        if main and (step % cfg.log.print_every == 0 or step == cfg.train.max_steps - 1):
-            print(f"[splitlora_ds] step {step + 1}/{cfg.train.max_steps}  loss {stats.loss:.4f}  "
+        if main and (step % cfg.log.print_every == 0 or step == max_steps - 1):
+            print(f"[splitlora_ds] step {step + 1}/{max_steps}  loss {stats.loss:.4f}  "
                   f"lr {stats.lr:.2e}  {stats.seconds:.3f} s/step  "
                   f"{stats.tokens / max(stats.seconds, 1e-9):.0f} tok/s", flush=True)
+        if prep.num_eval_batches and is_eval_step(step, cfg.eval.every, max_steps):
+            result = runner.evaluate(prep.eval_batches, prep.num_eval_batches)
+            if result is not None:
+                values.update({"eval/loss": result.loss, "eval/ppl": math.exp(min(result.loss, 50.0)),
+                               "eval/tokens": result.tokens})
+                for c, loss in enumerate(result.client_loss):
+                    values[f"client{c}/eval_loss"] = loss
+                print(f"[splitlora_ds] eval after step {step + 1}: loss {result.loss:.4f}  "
+                      f"ppl {math.exp(min(result.loss, 50.0)):.2f}  ({result.tokens} tokens, "
+                      f"{result.seconds:.1f} s)", flush=True)
+        writer.scalars(step, values)
     writer.close()
     if cfg.train.output_dir:
         path = save_adapters(stage, cfg.train.output_dir, role.name)
         if main:
             print(f"[splitlora_ds] adapters: {os.path.dirname(path)}", flush=True)
     if main:
-        print(f"[splitlora_ds] done: {cfg.train.max_steps} steps in {time.perf_counter() - t_start:.1f} s; "
+        print(f"[splitlora_ds] done: {max_steps} steps in {time.perf_counter() - t_start:.1f} s; "
               f"TensorBoard: tensorboard --logdir {cfg.log.dir}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -214,6 +263,8 @@ def _announce(prep: Prepared) -> None:
           f"step(s)", flush=True)
     for rank, sp in enumerate(prep.plan.all_stages()):
         print(f"[splitlora_ds]   rank {rank} {sp.name}: {sp.describe()}", flush=True)
+    for line in prep.data_plan.describe().splitlines():
+        print(f"[splitlora_ds]   {line}", flush=True)
 
 
 def _yaml(cfg: RunConfig) -> str:

@@ -10,8 +10,12 @@ from splitlora_ds.logging import read_scalars
 pytestmark = pytest.mark.launcher
 
 
-def losses(run_dir):
-    return [v for _, v in read_scalars(str(run_dir), "train/loss")]
+# A held-out quarter of the prompts, evaluated after steps 2 and 4.
+EVAL = {"data": {"num_samples": 64, "validation_fraction": 0.25}, "eval": {"every": 2}}
+
+
+def losses(run_dir, tag="train/loss"):
+    return [v for _, v in read_scalars(str(run_dir), tag)]
 
 
 def adapters(out_dir, names):
@@ -24,22 +28,26 @@ def adapters(out_dir, names):
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def centralized(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"central-{request.param}")
-    recipe = write_recipe(tmp, request.param, mode="centralized", train={"output_dir": str(tmp / "out")})
+    recipe = write_recipe(tmp, request.param, mode="centralized", train={"output_dir": str(tmp / "out")}, **EVAL)
     check(run_single(["--recipe", str(recipe)]))
-    return request.param, losses(tmp / "tb" / "centralized"), adapters(tmp / "out", ["centralized"])
+    return (request.param, losses(tmp / "tb" / "centralized"), adapters(tmp / "out", ["centralized"]),
+            losses(tmp / "tb" / "centralized", "eval/loss"))
 
 
 @pytest.mark.parametrize("server_stages,client_layers", [(1, 2), (2, 1)])
 def test_split_equals_centralized(centralized, tmp_path, server_stages, client_layers):
-    family, ref_losses, ref_adapters = centralized
+    family, ref_losses, ref_adapters, ref_eval = centralized
     recipe = write_recipe(tmp_path, family, split={"client_layers": client_layers, "server_stages": server_stages},
-                          train={"output_dir": str(tmp_path / "out")})
+                          train={"output_dir": str(tmp_path / "out")}, **EVAL)
     check(launch(1 + server_stages, ["--recipe", str(recipe)]))
     last = f"server{server_stages - 1}"
     split_losses = losses(tmp_path / "tb" / last)
     assert len(split_losses) == len(ref_losses) == 4
     assert max(abs(a - b) for a, b in zip(split_losses, ref_losses)) <= 1e-5
     assert ref_losses[-1] < ref_losses[0]  # SGD actually moved the adapters
+    split_eval = losses(tmp_path / "tb" / last, "eval/loss")
+    assert len(split_eval) == len(ref_eval) == 2
+    assert max(abs(a - b) for a, b in zip(split_eval, ref_eval)) <= 1e-5
 
     roles = ["client0"] + [f"server{s}" for s in range(server_stages)]
     split_adapters = adapters(tmp_path / "out", roles)
@@ -51,7 +59,7 @@ def test_split_equals_centralized(centralized, tmp_path, server_stages, client_l
 
 
 def test_bf16_wire_halves_traffic_and_stays_close(centralized, tmp_path):
-    family, ref_losses, _ = centralized
+    family, ref_losses, _, _ = centralized
     runs = {}
     for wire in ("float32", "bfloat16"):
         recipe = write_recipe(tmp_path / wire, family, split={"wire_dtype": wire})

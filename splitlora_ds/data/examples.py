@@ -3,6 +3,7 @@
 Sequence layout (one example):
 
     input_ids = tokens(prompt + separator) + tokens(target) + [eos]
+                (or prompt_ids + tokens(target) + [eos] for pre-tokenized chat-template prompts)
     labels    = [-100] * len(prompt part) + tokens(target) + [eos]
 
 Prompt and target are tokenized separately so the prompt/target boundary is exact even for
@@ -46,6 +47,9 @@ def tokenize_example(ex: dict, tokenizer: PreTrainedTokenizerBase, max_length: i
                      name: str = "sample") -> dict | None:
     """One example -> {"input_ids", "labels"}; None when it is dropped as overlong.
 
+    The prompt part is `ex["prompt_ids"]` as given when present (no separator), else the
+    tokens of `ex["prompt"] + separator`; it is always -100 in labels.
+
     Overlong (> max_length tokens): "truncate" keeps the whole prompt and cuts target+eos
     from the right (eos goes first: a cut sentence must not teach the model to stop there);
     "drop" returns None; "error" raises ConfigError naming `name`. A prompt that leaves no
@@ -64,10 +68,18 @@ def _tokenize(ex: dict, tokenizer: PreTrainedTokenizerBase, max_length: int,
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("data.tokenizer: tokenizer has no eos token")
-    for key in ("prompt", "target"):
+    ids = ex.get("prompt_ids")
+    for key in ("target",) if ids is not None else ("prompt", "target"):
         if not isinstance(ex.get(key), str):
             raise ConfigError(f"data: {name} needs a string {key!r}, got {ex.get(key)!r}")
-    prompt_ids = _encode(tokenizer, ex["prompt"] + separator)
+    if ids is not None:
+        # Already tokenized (a chat template's output): its special tokens must stay special,
+        # and the template ends where the answer starts, so no separator.
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ConfigError(f"data: {name} needs integer 'prompt_ids', got {ids!r:.80}")
+        prompt_ids = list(ids)
+    else:
+        prompt_ids = _encode(tokenizer, ex["prompt"] + separator)
     answer_ids = _encode(tokenizer, ex["target"]) + [eos]
     total = len(prompt_ids) + len(answer_ids)
     if total > max_length:

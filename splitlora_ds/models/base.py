@@ -14,7 +14,7 @@ import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -188,8 +188,18 @@ class ModelFamily(ABC):
                     f"model.config.{key}: unknown {self.name} config key {key!r} (value {overrides[key]!r})"
                 )
 
-    def load_config(self, pretrained: str | None, overrides: dict, attn_implementation: str) -> PretrainedConfig:
+    def load_config(self, pretrained: str | None, overrides: dict, attn_implementation: str,
+                    offline_known: bool = False) -> PretrainedConfig:
+        """`offline_known`: for a hub id in models.known and no local directory of that name, use
+        the tabled architecture instead of asking the hub (planning only: no weights come with it)."""
         overrides = dict(overrides or {})
+        if offline_known and pretrained is not None and not os.path.isdir(pretrained):
+            from .known import known_config
+
+            table = known_config(pretrained)
+            if table is not None:
+                self._check_overrides(self.config_class(), overrides)
+                return self.load_config(None, {**table, **overrides}, attn_implementation)
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(
                 f"model.attn_implementation: unknown value {attn_implementation!r}; "
@@ -228,6 +238,14 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def make_context(self, config: PretrainedConfig) -> nn.Module: ...
+
+    fused_qkv_module: str | None = None  # the fused q|k|v projection's name, if the family has one
+
+    def restrict_fused_qkv(self, layer: nn.Module, config: PretrainedConfig, rank: int, keep: Sequence[str]) -> int:
+        """Limit LoRA on the fused q|k|v projection to the `keep` slices (lora.fused_qkv); returns
+        the number of pinned adapter entries. Families without a fused projection refuse."""
+        raise ConfigError(f"lora.fused_qkv: {self.name} has no fused q|k|v projection; "
+                          "name the projections (e.g. q_proj, v_proj) in lora.target_modules instead")
 
 
 def strip_peft(name: str) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 from transformers import GPT2Config, PretrainedConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
+from . import fused_qkv
 from .base import LayerSpec, ModelFamily, c_proj_std, causal_context, construct, hf_init_, init_vocab_matrix
 
 # Checkpoints saved from GPT2LMHeadModel prefix keys with "transformer."; the original OpenAI
@@ -56,6 +59,7 @@ class GPT2Family(ModelFamily):
     default_target_modules = ("c_attn",)
     fan_in_fan_out = True  # GPT-2 uses transformers' Conv1D (weight stored [in, out])
     config_class = GPT2Config
+    fused_qkv_module = "c_attn"
 
     def layer_specs(self, config: PretrainedConfig) -> list[LayerSpec]:
         n = self.num_blocks(config)
@@ -108,3 +112,6 @@ class GPT2Family(ModelFamily):
 
     def make_context(self, config: PretrainedConfig) -> nn.Module:
         return GPT2Context()
+
+    def restrict_fused_qkv(self, layer: nn.Module, config: PretrainedConfig, rank: int, keep: Sequence[str]) -> int:
+        return fused_qkv.restrict_fused_qkv(layer, "c_attn", config.hidden_size, rank, keep)

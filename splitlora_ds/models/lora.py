@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+import re
+from typing import Optional, Sequence
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -39,6 +40,7 @@ def inject_lora(
     dropout: float,
     target_modules: Sequence[str],
     fan_in_fan_out: bool,
+    rank_multiplier: Optional[dict[str, int]] = None,
 ) -> list[str]:
     """Add LoRA adapters to the matching modules of `layer`; freeze everything else.
 
@@ -49,9 +51,14 @@ def inject_lora(
     targets = _as_list(target_modules)
     names = [n for n in adaptable_modules(layer) if any(_matches(n, t) for t in targets)]
     if names:
+        # rank_multiplier {suffix: m}: those modules get rank m*r and alpha m*alpha, so their
+        # scaling alpha/r is unchanged (fused projections carry one r-block per slice).
+        mult = {n: m for n in names for t, m in (rank_multiplier or {}).items() if _matches(n, t)}
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
+            rank_pattern={f"^{re.escape(n)}$": rank * m for n, m in mult.items()},
+            alpha_pattern={f"^{re.escape(n)}$": alpha * m for n, m in mult.items()},
             lora_dropout=dropout,
             target_modules=names,  # exact names: never lets peft hit a non-adaptable container
             fan_in_fan_out=fan_in_fan_out,
@@ -75,6 +82,7 @@ def build_lora_layer(
     dropout: float,
     target_modules: Sequence[str],
     fan_in_fan_out: bool,
+    rank_multiplier: Optional[dict[str, int]] = None,
 ) -> tuple[nn.Module, list[str]]:
     """build_layer + inject_lora, both seeded from (seed, spec.index): two processes get
     bit-identical base and adapter weights. Load pretrained weights afterwards if needed
@@ -83,7 +91,7 @@ def build_lora_layer(
         layer = spec.build()
     # separate stream so adapter init does not depend on how many draws the base init made
     with seeded_build(seed, spec.index, "lora"):
-        names = inject_lora(layer, rank, alpha, dropout, target_modules, fan_in_fan_out)
+        names = inject_lora(layer, rank, alpha, dropout, target_modules, fan_in_fan_out, rank_multiplier)
     return layer, names
 
 

@@ -1,0 +1,51 @@
+"""`--dry-run`: the split plan with parameter counts per role, built on the meta device.
+
+Nothing is downloaded or allocated: hub ids of known models plan from models.known, and every
+stage is built with meta tensors just to count what each role would hold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import RunConfig
+from .partition import StagePlan, centralized_plan
+from .stage import build_stage
+
+
+def stage_counts(family, hf_config, plan: StagePlan, cfg: RunConfig) -> tuple[int, int]:
+    with torch.device("meta"):
+        stage = build_stage(family, hf_config, plan, cfg.lora, cfg.train.seed)
+    return stage.parameter_counts()
+
+
+def plan_report(cfg: RunConfig, family, hf_config, plan, recipe: str) -> str:
+    lines = [f"splitlora_ds dry run: {recipe}"]
+    targets = cfg.lora.target_modules or list(family.default_target_modules)
+    fused = f" (fused q|k|v slices {cfg.lora.fused_qkv})" if cfg.lora.fused_qkv else ""
+    lines.append(f"model: {family.name} ({cfg.model.pretrained or 'random init'}), {family.num_blocks(hf_config)} "
+                 f"blocks, hidden {hf_config.hidden_size}, vocab {hf_config.vocab_size}")
+    lines.append(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, dropout {cfg.lora.dropout:g} on "
+                 f"{', '.join(targets)}{fused}")
+    whole_total, whole_trainable = stage_counts(family, hf_config, centralized_plan(family.num_blocks(hf_config)), cfg)
+    if plan is None:
+        lines.append("mode: centralized (1 process)")
+    else:
+        lines.append(f"mode: split, world size {len(plan.all_stages())} = {len(plan.clients)} clients + "
+                     f"{len(plan.server)} server stage(s); FedAvg every {cfg.federation.aggregate_every} step(s)")
+        lines.append(f"{'rank':>4}  {'role':<10}{'layers':<30}{'params':>16}{'trainable':>14}")
+        cache: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, sp in enumerate(plan.all_stages()):
+            key = (sp.start, sp.stop)
+            if key not in cache:  # identical clients are counted once
+                cache[key] = stage_counts(family, hf_config, sp, cfg)
+            total, trainable = cache[key]
+            lines.append(f"{rank:>4}  {sp.name:<10}{sp.describe():<30}{total:>16,}{trainable:>14,}")
+    lines.append(f"{'':>4}  {'whole':<10}{'(centralized)':<30}{whole_total:>16,}{whole_trainable:>14,}")
+    d = cfg.data
+    where = d.path or (", ".join(d.files) if d.files else None)
+    part = d.partition + (f"({d.partition_key}, alpha={d.dirichlet_alpha:g})" if d.partition == "dirichlet" else "")
+    origin = f" from {where}" if where else " (generated in code)"
+    lines.append(f"data: {d.source}{origin}; partition {part}; max_length {d.max_length}")
+    lines.append(f"deepspeed_config: {cfg.deepspeed_config}")
+    return "\n".join(lines)
