@@ -176,6 +176,17 @@ class LogConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # where step-N/ checkpoints go; None: no checkpoints
+    every: int = 0  # save every N steps (0: only after the last step); needs checkpoint.dir
+    keep: int = 2  # complete checkpoints to keep (older ones are deleted)
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
+
+
+@dataclass
 class DistConfig:
     timeout_s: float = 300.0  # a rank waiting longer than this on a peer fails instead of hanging
     # auto: DeepSpeed's choice (nccl on GPUs, gloo on CPU). gloo on GPU machines lets CPU-only
@@ -200,6 +211,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:

@@ -22,6 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="print the split plan (layers, parameters, trainable parameters per role) and exit; "
                         "downloads nothing")
+    p.add_argument("--resume", metavar="DIR|latest",
+                   help="continue from a checkpoint: a step-N folder, a checkpoint.dir (its latest), or 'latest'")
     p.add_argument("--world-size", action="store_true",
                    help="print the number of ranks the recipe needs (clients + server stages) and exit")
     # The deepspeed launcher appends --local_rank; the rank layout itself comes from the environment.
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .trainer import prepare, train  # DeepSpeed and transformers load only for real runs
 
-        prep = prepare(cfg, dry_run=args.dry_run)
+        prep = prepare(cfg, dry_run=args.dry_run, resume=args.resume)
         if args.dry_run:
             from .plan_report import plan_report
 

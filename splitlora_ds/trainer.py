@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from . import checkpoint as ckpt
 from .aggregation import sample_weights
 from .comm import P2P
 from .config import RunConfig
@@ -30,7 +31,7 @@ from .ds_config import load_ds_config, role_ds_config
 from .engine import Observer, StageRunner
 from .schedule import is_eval_step
 from .errors import ConfigError
-from .logging import MetricsWriter
+from .logging import MetricsWriter, Progress
 from .models import get_family
 from .models.lora import target_modules_in_family
 from .partition import SplitPlan, StagePlan, centralized_plan, make_split_plan
@@ -61,10 +62,13 @@ class Prepared:
     eval_batches: list[dict] = field(default_factory=list)  # this rank's validation batches, in order
     num_eval_batches: int = 0  # per evaluation, the same on every rank (0: no validation data)
     num_samples: int = 0  # this client's sample count (FedAvg weight); all samples when centralized
+    streams: list[ClientBatches] = field(default_factory=list)  # the training streams this rank draws from
+    resume: Optional[ckpt.Loaded] = None  # this rank's part of the checkpoint to continue from
 
 
-def prepare(cfg: RunConfig, dry_run: bool = False) -> Prepared:
-    """Validate everything and plan this rank's part. `dry_run`: plan only (no data, no world)."""
+def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None) -> Prepared:
+    """Validate everything and plan this rank's part. `dry_run`: plan only (no data, no world).
+    `resume`: a checkpoint (step dir, checkpoint.dir or 'latest'), checked and read here."""
     rank, world, local_rank = env_world()
     family = get_family(cfg.model.family)
     hf_config = family.load_config(cfg.model.pretrained, cfg.model.config, cfg.model.attn_implementation,
@@ -89,9 +93,19 @@ def prepare(cfg: RunConfig, dry_run: bool = False) -> Prepared:
             raise ConfigError(f"mode=centralized runs in one process, but the world size is {world}; "
                               "run it with `python -m splitlora_ds.train ... --set mode=centralized`")
         plan, role, stage_plan = None, Role("centralized", 0, 0), centralized_plan(num_blocks)
+    if cfg.checkpoint.every and not cfg.checkpoint.dir:
+        raise ConfigError("checkpoint.every: set checkpoint.dir to say where checkpoints go")
     prep = Prepared(cfg, rank, local_rank, role, topology, plan, stage_plan, family, hf_config, ds_config)
     if not dry_run:
         _prepare_data(prep)
+    if resume is not None and not dry_run:
+        directory = ckpt.resolve(resume, cfg.checkpoint.dir)
+        layout = (topology.clients, topology.server_stages) if cfg.mode == "split" else (1, 0)
+        ckpt.check_compatible(ckpt.read_meta(directory), cfg.to_dict(), *layout, directory)
+        prep.resume = ckpt.load_rank(directory, role.name)
+        if prep.resume.step >= prep.max_steps:
+            raise ConfigError(f"--resume: {directory} is at step {prep.resume.step}, the run ends at "
+                              f"{prep.max_steps}; raise train.max_steps to train further")
     return prep
 
 
@@ -145,6 +159,7 @@ def _prepare_data(prep: Prepared) -> None:
         val_batches.append([collate(val_rows[i:i + eval_bs], tokenizer.pad_token_id)
                             for i in range(0, len(val_rows), eval_bs)][:prep.num_eval_batches])
     prep.num_samples = sum(s.num_samples for s in streams)
+    prep.streams = streams
     if role.is_client:
         prep.batches, prep.eval_batches = streams[0], val_batches[0]
     else:
@@ -192,31 +207,31 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
 
     # gloo cannot move CUDA tensors point to point: stage them through host memory.
     staging = torch.device("cpu") if dist.get_backend() == "gloo" else device
-    weight = 1.0
-    if role.is_client and topology.clients > 1:
-        counts = torch.zeros(topology.clients, dtype=torch.float64, device=staging)
-        counts[role.index] = prep.num_samples
-        dist.all_reduce(counts, group=groups.clients)
-        weight = sample_weights([int(c) for c in counts.tolist()])[role.index]
+    sample_counts = _sample_counts(prep, groups, staging)
+    weight = sample_weights(sample_counts)[role.index] if role.is_client else 1.0
 
     wire = _DTYPES[cfg.split.wire_dtype] if cfg.split.wire_dtype else None
     p2p = P2P(device, wire, staging)
     runner = StageRunner(role, topology, stage, engine, p2p, groups, cfg.federation.aggregate_every,
                          prep.batches, weight, observers, cfg.train.label_smoothing)
+    start = _restore(prep, stage, engine, p2p) if prep.resume else 0
     main = role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)
-    writer = MetricsWriter(cfg.log.dir, role.name)
+    # purge_step: a resumed run replaces whatever the first run logged after its checkpoint.
+    writer = MetricsWriter(cfg.log.dir, role.name, purge_step=start if start else None)
     if main:
         _announce(prep)
+        if start:
+            print(f"[splitlora_ds] resumed at step {start} from {prep.resume.directory}", flush=True)
         writer.text("config", f"```\n{_yaml(cfg)}\n```")
         writer.text("data", f"```\n{prep.data_plan.describe()}\n```")
-    if role.is_client:
+    if role.is_client and not start:
         c = role.index
         writer.scalars(0, {f"client{c}/samples": prep.num_samples, f"client{c}/fedavg_weight": weight})
         writer.text(f"client{c}/label_histogram", str(prep.data_plan.histograms[c]))
 
     max_steps = prep.max_steps
-    t_start = time.perf_counter()
-    for step in range(max_steps):
+    progress = Progress(max_steps, start, enabled=main)
+    for step in range(start, max_steps):
         stats = runner.train_step(step)
         values = {"time/step_s": stats.seconds, "train/lr": stats.lr,
                   "comm/bytes_sent": p2p.bytes_sent, "comm/bytes_received": p2p.bytes_received}
@@ -226,31 +241,85 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
             for c, (loss, tokens) in enumerate(zip(stats.client_loss, stats.client_tokens)):
                 values[f"client{c}/loss"] = loss
                 values[f"client{c}/tokens"] = tokens
-        if main and (step % cfg.log.print_every == 0 or step == max_steps - 1):
-            print(f"[splitlora_ds] step {step + 1}/{max_steps}  loss {stats.loss:.4f}  "
-                  f"lr {stats.lr:.2e}  {stats.seconds:.3f} s/step  "
-                  f"{stats.tokens / max(stats.seconds, 1e-9):.0f} tok/s", flush=True)
+        progress.update(step, stats, print_line=step % cfg.log.print_every == 0 or step == max_steps - 1)
         if prep.num_eval_batches and is_eval_step(step, cfg.eval.every, max_steps):
             result = runner.evaluate(prep.eval_batches, prep.num_eval_batches)
             if result is not None:
-                values.update({"eval/loss": result.loss, "eval/ppl": math.exp(min(result.loss, 50.0)),
-                               "eval/tokens": result.tokens})
+                ppl = math.exp(min(result.loss, 50.0))
+                values.update({"eval/loss": result.loss, "eval/ppl": ppl, "eval/tokens": result.tokens})
                 for c, loss in enumerate(result.client_loss):
                     values[f"client{c}/eval_loss"] = loss
-                print(f"[splitlora_ds] eval after step {step + 1}: loss {result.loss:.4f}  "
-                      f"ppl {math.exp(min(result.loss, 50.0)):.2f}  ({result.tokens} tokens, "
-                      f"{result.seconds:.1f} s)", flush=True)
+                progress.write(f"[splitlora_ds] eval after step {step + 1}: loss {result.loss:.4f}  ppl {ppl:.2f}  "
+                               f"({result.tokens} tokens, {result.seconds:.1f} s)")
         writer.scalars(step, values)
+        if cfg.checkpoint.dir and (step == max_steps - 1 or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)):
+            path = _save_checkpoint(prep, step + 1, stage, engine, p2p, sample_counts)
+            progress.write(f"[splitlora_ds] checkpoint: {path}")
+    progress.close()
     writer.close()
     if cfg.train.output_dir:
         path = save_adapters(stage, cfg.train.output_dir, role.name)
         if main:
             print(f"[splitlora_ds] adapters: {os.path.dirname(path)}", flush=True)
     if main:
-        print(f"[splitlora_ds] done: {max_steps} steps in {time.perf_counter() - t_start:.1f} s; "
+        print(f"[splitlora_ds] done: {max_steps - start} steps in {progress.elapsed:.1f} s; "
               f"TensorBoard: tensorboard --logdir {cfg.log.dir}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _sample_counts(prep: Prepared, groups, staging: torch.device) -> list[int]:
+    """Every client's training sample count (FedAvg weights; recorded in checkpoints). Clients
+    learn them with one all-reduce; the centralized run has them all; server ranks need none."""
+    if prep.role.kind == "centralized":
+        return [s.num_samples for s in prep.streams]
+    if not prep.role.is_client:
+        return []
+    counts = torch.zeros(prep.topology.clients, dtype=torch.float64, device=staging)
+    counts[prep.role.index] = prep.num_samples
+    if prep.topology.clients > 1:
+        dist.all_reduce(counts, group=groups.clients)
+    return [int(c) for c in counts.tolist()]
+
+
+def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, sample_counts: list[int]) -> str:
+    cfg = prep.cfg
+    directory = ckpt.step_dir(cfg.checkpoint.dir, steps_done)
+    scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else {}
+    state = {"optimizer": engine.optimizer.state_dict(), "scheduler": scheduler, "rng": ckpt.rng_state(),
+             "data": [s.state_dict() for s in prep.streams], "bytes": [p2p.bytes_sent, p2p.bytes_received]}
+    ckpt.save_rank(directory, prep.role.name, stage.adapter_parameters(), state)
+    dist.barrier()  # every rank's files are in place before the checkpoint is marked complete
+    if prep.rank == 0:
+        roles = ([p.name for p in prep.plan.all_stages()] if prep.plan else ["centralized"])
+        ckpt.write_meta(directory, {"format": 1, "step": steps_done, "config": cfg.to_dict(), "roles": roles,
+                                    "world": {"clients": prep.topology.clients if prep.plan else 1,
+                                              "server_stages": prep.topology.server_stages if prep.plan else 0},
+                                    "sample_counts": sample_counts})
+        ckpt.prune(cfg.checkpoint.dir, cfg.checkpoint.keep)
+    dist.barrier()  # nobody races ahead into a checkpoint that is still being pruned
+    return str(directory)
+
+
+def _restore(prep: Prepared, stage, engine, p2p: P2P) -> int:
+    """Load this rank's checkpoint part: adapters, optimizer, scheduler, RNG, data position."""
+    loaded = prep.resume
+    params = stage.adapter_parameters()
+    if set(params) != set(loaded.adapters):
+        missing = sorted(set(params) ^ set(loaded.adapters))[:3]
+        raise ConfigError(f"--resume: the checkpoint's {prep.role.name} adapters do not match this stage ({missing})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(loaded.adapters[name].to(p.device, p.dtype))
+    engine.optimizer.load_state_dict(loaded.state["optimizer"])
+    if engine.lr_scheduler is not None and loaded.state["scheduler"]:
+        engine.lr_scheduler.load_state_dict(loaded.state["scheduler"])
+    for stream, state in zip(prep.streams, loaded.state["data"]):
+        stream.load_state_dict(state)
+    p2p.bytes_sent, p2p.bytes_received = loaded.state["bytes"]
+    ckpt.set_rng_state(loaded.state["rng"])
+    engine.global_steps = loaded.step
+    return loaded.step
 
 
 def _announce(prep: Prepared) -> None:
