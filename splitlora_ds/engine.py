@@ -74,7 +74,8 @@ class StageRunner:
     def __init__(self, role: Role, topology: Topology, stage: Stage, engine, p2p: P2P,
                  groups: Optional[Groups], aggregate_every: int,
                  batches: Optional[Iterator[dict]] = None, fedavg_weight: float = 1.0,
-                 observers: Sequence[Observer] = (), label_smoothing: float = 0.0):
+                 observers: Sequence[Observer] = (), label_smoothing: float = 0.0,
+                 max_steps: Optional[int] = None):
         self.role = role
         self.topology = topology
         self.stage = stage
@@ -86,6 +87,7 @@ class StageRunner:
         self.fedavg_weight = fedavg_weight
         self.observers = list(observers)
         self.label_smoothing = label_smoothing
+        self.max_steps = max_steps
         self.training = True
         self.eval_batches: Optional[Iterator[dict]] = None
         self.device = p2p.device
@@ -108,7 +110,7 @@ class StageRunner:
         self._reset()
         self.stats = StepStats(step)
         t0 = time.perf_counter()
-        for instruction in S.step_instructions(self.role, self.topology, step, self.aggregate_every):
+        for instruction in S.step_instructions(self.role, self.topology, step, self.aggregate_every, self.max_steps):
             self._handlers[type(instruction)](instruction)
             for observe in self.observers:
                 observe(step, instruction, self)

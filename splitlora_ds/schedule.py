@@ -82,16 +82,17 @@ class AverageAdapters(Instruction):
     pass
 
 
-def is_aggregation_step(step: int, aggregate_every: int) -> bool:
-    """Step numbers are 0-based; averaging follows every `aggregate_every`-th local step."""
-    return (step + 1) % aggregate_every == 0
+def is_aggregation_step(step: int, aggregate_every: int, max_steps: int | None = None) -> bool:
+    """Step numbers are 0-based; averaging follows every `aggregate_every`-th local step and the
+    last step, so a run always ends with one global model (what is evaluated and exported)."""
+    return (step + 1) % aggregate_every == 0 or step == (max_steps or 0) - 1
 
 
-def client_step(topology: Topology, step: int, aggregate_every: int) -> list[Instruction]:
+def client_step(topology: Topology, step: int, aggregate_every: int, max_steps: int | None = None) -> list[Instruction]:
     server = topology.server_rank(0)
     out: list[Instruction] = [LoadBatch(), Forward(), SendActivations(server), RecvGrads(server),
                               Backward(), OptimizerStep()]
-    if topology.clients > 1 and is_aggregation_step(step, aggregate_every):
+    if topology.clients > 1 and is_aggregation_step(step, aggregate_every, max_steps):
         out.append(AverageAdapters())
     return out
 
@@ -113,9 +114,10 @@ def centralized_step() -> list[Instruction]:
     return [LoadBatch(), Forward(), ComputeLoss(), Backward(), OptimizerStep()]
 
 
-def step_instructions(role: Role, topology: Topology, step: int, aggregate_every: int) -> list[Instruction]:
+def step_instructions(role: Role, topology: Topology, step: int, aggregate_every: int,
+                      max_steps: int | None = None) -> list[Instruction]:
     if role.kind == "client":
-        return client_step(topology, step, aggregate_every)
+        return client_step(topology, step, aggregate_every, max_steps)
     if role.kind == "server":
         return server_step(topology, role.index)
     return centralized_step()

@@ -213,7 +213,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     wire = _DTYPES[cfg.split.wire_dtype] if cfg.split.wire_dtype else None
     p2p = P2P(device, wire, staging)
     runner = StageRunner(role, topology, stage, engine, p2p, groups, cfg.federation.aggregate_every,
-                         prep.batches, weight, observers, cfg.train.label_smoothing)
+                         prep.batches, weight, observers, cfg.train.label_smoothing, prep.max_steps)
     start = _restore(prep, stage, engine, p2p) if prep.resume else 0
     main = role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)
     # purge_step: a resumed run replaces whatever the first run logged after its checkpoint.

@@ -11,6 +11,9 @@ def test_client_step_and_aggregation_cadence():
     assert S.client_step(topo, step=1, aggregate_every=2) == base + [S.AverageAdapters()]
     averaged = [s for s in range(10) if S.AverageAdapters() in S.client_step(topo, s, 3)]
     assert averaged == [2, 5, 8]
+    # A run of 10 steps also averages after its last step: it ends with one global model.
+    averaged = [s for s in range(10) if S.AverageAdapters() in S.client_step(topo, s, 3, max_steps=10)]
+    assert averaged == [2, 5, 8, 9]
 
 
 def test_single_client_never_averages():

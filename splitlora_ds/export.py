@@ -1,0 +1,147 @@
+"""Export a checkpoint as a standard PEFT adapter (or a merged model) for the Hugging Face model.
+
+    python -m splitlora_ds.export --checkpoint DIR --out OUT [--merge]
+
+The clients' adapters are averaged with the run's FedAvg weights (sample counts recorded in the
+checkpoint), joined with the server stages' adapters, and renamed from the split layer list
+(`layers.<i>.<module>`) to the Hugging Face model's module paths through each layer's
+`checkpoint_keys` map, the same map that loads pretrained weights. OUT then loads with
+`PeftModel.from_pretrained(base, OUT)` (or, with --merge, `AutoModelForCausalLM.from_pretrained(OUT)`).
+A randomly initialised base (no `model.pretrained`) is rebuilt from its seed and saved as OUT/base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from . import checkpoint as ckpt
+from .aggregation import fedavg, sample_weights
+from .config import RunConfig, from_dict
+from .data import load_tokenizer
+from .errors import ConfigError
+from .models import get_family
+from .models.base import build_layer, strip_peft
+
+_LORA_MARK = ".lora_"
+
+
+def averaged_adapters(directory: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """Our-named adapters of the whole model: FedAvg of the clients, plus every server stage."""
+    roles = meta["roles"]
+    clients = [r for r in roles if r.startswith("client")]
+    merged: dict[str, torch.Tensor] = {}
+    if clients:
+        weights = sample_weights(meta["sample_counts"])
+        merged.update(fedavg([load_file(str(directory / f"{r}.safetensors")) for r in clients], weights))
+    for role in roles:
+        if not role.startswith("client"):
+            merged.update(load_file(str(directory / f"{role}.safetensors")))
+    return merged
+
+
+def base_model(cfg: RunConfig, family, hf_config) -> PreTrainedModel:
+    """The Hugging Face model the adapters belong to: the pretrained one, or the random init
+    rebuilt layer by layer from the run's seed."""
+    if cfg.model.pretrained:
+        return AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, config=hf_config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    hf_state = model.state_dict()
+    for spec in family.layer_specs(hf_config):
+        layer = build_layer(spec, cfg.train.seed)
+        for name, tensor in layer.state_dict().items():
+            key = next((k for k in spec.checkpoint_keys(name) if k in hf_state), None)
+            if key is None:
+                continue  # non-persistent helpers (e.g. rotary tables) have no HF key
+            with torch.no_grad():
+                hf_state[key].copy_(tensor)
+    return model
+
+
+def hf_adapter_names(adapters: dict[str, torch.Tensor], family, hf_config, hf_modules: set[str]) -> dict[str, str]:
+    """Our adapter names -> the PEFT model's parameter names (strict: every tensor maps)."""
+    specs = family.layer_specs(hf_config)
+    out = {}
+    for name in adapters:
+        _, index, rest = name.split(".", 2)  # "layers", "<i>", "<module path>.lora_A.default.weight"
+        module, lora_part = rest.split(_LORA_MARK, 1)
+        candidates = specs[int(index)].checkpoint_keys(strip_peft(module + ".weight"))
+        hf_module = next((k.removesuffix(".weight") for k in candidates if k.removesuffix(".weight") in hf_modules), None)
+        if hf_module is None:
+            raise ConfigError(f"export: no module of the Hugging Face model matches {name} (tried {candidates})")
+        out[name] = f"base_model.model.{hf_module}{_LORA_MARK}{lora_part}"
+    return out
+
+
+def export(checkpoint: str, out: str, merge: bool = False) -> Path:
+    directory = ckpt.resolve(checkpoint, None)
+    meta = ckpt.read_meta(directory)
+    cfg = from_dict(RunConfig, meta["config"], prefix="")
+    family = get_family(cfg.model.family)
+    hf_config = family.load_config(cfg.model.pretrained, cfg.model.config, cfg.model.attn_implementation)
+    adapters = averaged_adapters(directory, meta)
+    model = base_model(cfg, family, hf_config)
+
+    targets = sorted({n.split(_LORA_MARK)[0].rsplit(".", 1)[-1] for n in adapters})
+    lora = cfg.lora
+    fused = {family.fused_qkv_module: len(lora.fused_qkv)} if lora.fused_qkv and family.fused_qkv_module else {}
+    peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=targets, fan_in_fan_out=family.fan_in_fan_out, bias="none",
+                                 rank_pattern={k: lora.rank * m for k, m in fused.items()},
+                                 alpha_pattern={k: lora.alpha * m for k, m in fused.items()},
+                                 task_type="CAUSAL_LM")
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    base_dir = None
+    if not merge and not cfg.model.pretrained:
+        base_dir = out_path / "base"  # before get_peft_model, which wraps the modules in place
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+    peft_model = get_peft_model(model, peft_config)
+    params = dict(peft_model.named_parameters())
+    names = hf_adapter_names(adapters, family, hf_config, {n for n, _ in model.named_modules()})
+    trained = {n for n in params if _LORA_MARK in n}
+    if set(names.values()) != trained:
+        raise ConfigError(f"export: adapters and model disagree: {sorted(trained ^ set(names.values()))[:3]}")
+    with torch.no_grad():
+        for ours, theirs in names.items():
+            params[theirs].copy_(adapters[ours])
+
+    if merge:
+        peft_model.merge_and_unload().save_pretrained(out_path)
+    else:
+        if base_dir is not None:
+            peft_model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
+        peft_model.save_pretrained(out_path)
+    tokenizer.save_pretrained(out_path)
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="splitlora_ds.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a step-N checkpoint folder, or a checkpoint.dir (its latest)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--merge", action="store_true", help="write the merged full model instead of an adapter")
+    args = p.parse_args(argv)
+    try:
+        path = export(args.checkpoint, args.out, args.merge)
+    except ConfigError as e:
+        print(f"splitlora_ds: error: {e}", file=sys.stderr)
+        return 2
+    kind = "merged model" if args.merge else "PEFT adapter"
+    print(f"[splitlora_ds] {kind} written to {os.fspath(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The exported PEFT adapter (and merged model) is the model the trainer evaluated."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from _launch import check, launch, write_recipe
+from splitlora_ds.config import load_config
+from splitlora_ds.data import collate, load_tokenizer
+from splitlora_ds.data.build import plan_data, tokenize_client
+from splitlora_ds.export import main as export_main
+from splitlora_ds.logging import read_scalars
+
+pytestmark = pytest.mark.launcher
+
+
+def validation_loss(model, recipe):
+    """Token-mean cross-entropy over every client's validation rows (the trainer's eval/loss)."""
+    cfg = load_config(recipe)
+    plan = plan_data(cfg.data, cfg.federation.clients, cfg.train.seed)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    rows = [r for c in range(cfg.federation.clients) for r in tokenize_client(plan, c, tok, cfg.data)[1]]
+    batch = collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100).item()
+
+
+@pytest.mark.parametrize("family,lora", [
+    ("gpt2", {"target_modules": ["c_attn", "c_fc"], "fused_qkv": ["q", "v"]}),
+    ("llama", {"target_modules": ["q_proj", "v_proj", "down_proj"]}),
+])
+def test_export_matches_the_trainers_last_eval(tmp_path, family, lora):
+    # AdamW at 1e-2 moves the adapters visibly in 4 steps; clients average after steps 3 and 4.
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}))
+    recipe = write_recipe(tmp_path, family, deepspeed_config=str(ds), lora=lora,
+                          federation={"clients": 2, "aggregate_every": 3},
+                          data={"num_samples": 48, "validation_fraction": 0.25},
+                          train={"max_steps": 4, "batch_size": 2}, checkpoint={"dir": str(tmp_path / "ckpt")})
+    check(launch(3, ["--recipe", str(recipe)]))
+    trainer_eval = read_scalars(str(tmp_path / "tb" / "server0"), "eval/loss")[-1][1]
+
+    assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "adapter")]) == 0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "base")
+    untrained = validation_loss(base, recipe)
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    exported = validation_loss(model, recipe)
+    assert abs(exported - trainer_eval) <= 1e-4, (exported, trainer_eval)
+    assert abs(untrained - trainer_eval) > 1e-2  # the adapters carry the training
+
+    assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert abs(validation_loss(merged, recipe) - trainer_eval) <= 1e-4
+
+
+def test_export_of_a_missing_checkpoint_is_an_error(tmp_path, capsys):
+    assert export_main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
