@@ -170,6 +170,7 @@ class EvalConfig:
 class LogConfig:
     dir: str = "runs/default"  # TensorBoard log dir; each role writes its own run under it
     print_every: int = 10  # console line every N steps (TensorBoard gets every step)
+    all_ranks: bool = False  # also print every other rank's step lines (default: the main rank only)
 
     def __post_init__(self) -> None:
         _require(self.print_every >= 1, "log.print_every", self.print_every, "must be >= 1")

@@ -52,12 +52,13 @@ class Progress:
     line every `print_every` steps everywhere (CI logs and files get lines, not bar redraws).
     Other ranks stay quiet."""
 
-    def __init__(self, total: int, start: int, enabled: bool):
+    def __init__(self, total: int, start: int, enabled: bool, bar: bool = True, prefix: str = ""):
         self.enabled = enabled
         self.total, self.start = total, start
+        self.prefix = prefix
         self._t0 = time.perf_counter()
         self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                         disable=not (enabled and sys.stderr.isatty()))
+                         disable=not (enabled and bar and sys.stderr.isatty()))
 
     @property
     def elapsed(self) -> float:
@@ -67,13 +68,16 @@ class Progress:
         if not self.enabled:
             return
         tok_s = stats.tokens / max(stats.seconds, 1e-9)
+        loss = f"loss {stats.loss:.4f}  " if stats.loss is not None else ""  # only the last stage has it
         self._bar.update(1)
-        self._bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
+        if stats.loss is not None:
+            self._bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
         if print_line:
             done = step + 1 - self.start
             eta = self.elapsed / done * (self.total - step - 1)
-            self.write(f"[splitlora_ds] step {step + 1}/{self.total}  loss {stats.loss:.4f}  lr {stats.lr:.2e}  "
-                       f"{stats.seconds:.3f} s/step  {tok_s:.0f} tok/s  eta {eta:.0f} s")
+            rate = f"{tok_s:.0f} tok/s  " if stats.loss is not None else ""
+            self.write(f"[splitlora_ds]{self.prefix} step {step + 1}/{self.total}  {loss}lr {stats.lr:.2e}  "
+                       f"{stats.seconds:.3f} s/step  {rate}eta {eta:.0f} s")
 
     def write(self, line: str) -> None:
         if self.enabled:

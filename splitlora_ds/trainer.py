@@ -230,7 +230,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
         writer.text(f"client{c}/label_histogram", str(prep.data_plan.histograms[c]))
 
     max_steps = prep.max_steps
-    progress = Progress(max_steps, start, enabled=main)
+    progress = Progress(max_steps, start, enabled=main or cfg.log.all_ranks, bar=main,
+                        prefix=f" {role.name}:" if cfg.log.all_ranks else "")
     for step in range(start, max_steps):
         stats = runner.train_step(step)
         values = {"time/step_s": stats.seconds, "train/lr": stats.lr,

@@ -42,6 +42,11 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
 
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, separator: str = DEFAULT_SEPARATOR) -> list[int]:
+    """The token ids a model trained by this package sees before its answer (for generation)."""
+    return _encode(tokenizer, prompt + separator)
+
+
 def tokenize_example(ex: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, *,
                      separator: str = DEFAULT_SEPARATOR, overlong: Overlong = "truncate",
                      name: str = "sample") -> dict | None:

@@ -1,0 +1,282 @@
+"""The E2E NLG challenge metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr), offline and without Java.
+
+Mirrors tuetschek/e2e-metrics `measure_scores.py` on a CSV of references (`mr,ref`, several rows
+per MR) and a hypothesis file with one line per distinct MR, in first-appearance order:
+
+    python -m splitlora_ds.evaluate.metrics --hyp out.txt --refs devset.csv --out scores.json
+
+How each score relates to the official script (which runs mteval-v13a.pl for BLEU/NIST and the
+MS-COCO caption evaluator, i.e. pycocoevalcap with Java tokenizer and METEOR, for the rest):
+
+* BLEU: sacrebleu's corpus BLEU (4-gram, clipped by the max count over all references, closest
+  reference length, ties to the shorter) with lowercasing and mteval-13a tokenization: the same
+  definition as mteval-v13a.pl; reported in [0, 1].
+* NIST: mteval's corpus NIST (n=5) implemented below: information weights from all references,
+  hits clipped as in BLEU, average reference length in the length penalty (as the script's
+  Python port pymteval does it). nltk's corpus_nist is not used: it scores each hypothesis
+  against one best reference only, which gives different numbers with E2E's ~8 references.
+* ROUGE-L and CIDEr: pycocoevalcap's own Rouge (beta 1.2, per-sentence, best P and best R over
+  the references, averaged) and Cider (CIDEr-D: tf-idf over this reference corpus, n=4,
+  sigma=6, clipped, x10): the exact code the official script runs.
+* METEOR: a Python re-implementation of meteor-1.5.jar (`-l en -norm`) using the jar's data
+  from the pycocoevalcap wheel; see splitlora_ds/evaluate/meteor.py for what may differ.
+
+Tokenization: BLEU/NIST see lowercased text with mteval-13a tokenization (what mteval does).
+METEOR/ROUGE-L/CIDEr see the COCO evaluator's tokenization: the official one is Stanford's
+PTBTokenizer (Java) lowercased with punctuation tokens dropped; here nltk's Treebank tokenizer
+(the same PTB conventions) after splitting sentence-final periods and currency symbols, which
+Stanford's tokenizer splits and nltk's does not. METEOR then applies its -norm (13a) tokenization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+from splitlora_ds.errors import ConfigError
+
+METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+
+# Tokens the COCO tokenizer removes after PTB tokenization (pycocoevalcap's PUNCTUATIONS, plus
+# the bracket characters that Stanford's tokenizer would have turned into the -LRB- etc. listed).
+_COCO_PUNCT = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!",
+                         ",", ":", "-", "--", "...", ";", "(", ")", "[", "]", "{", "}"])
+# Abbreviations whose final period is part of the word for a PTB tokenizer.
+_ABBREVIATIONS = frozenset(["mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "mt", "no"])
+# Mojibake the official reader repairs in E2E reference files.
+_FIXES = (("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+@lru_cache(maxsize=1)
+def _tokenizers():
+    from nltk.tokenize import TreebankWordTokenizer
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    return TreebankWordTokenizer(), Tokenizer13a()
+
+
+def mteval_tokenize(text: str) -> list[str]:
+    """Lowercase + mteval-v13a tokenization (BLEU, NIST, and METEOR's -norm)."""
+    return _tokenizers()[1](text.lower()).split()
+
+
+def coco_tokenize(text: str) -> list[str]:
+    """Approximates the COCO evaluator's PTBTokenizer pass: lowercase, PTB tokens, no punctuation."""
+    words = []
+    for w in text.lower().replace("\n", " ").split():
+        # Stanford splits a sentence-final period off a word ("shop." -> "shop ."); nltk's
+        # Treebank tokenizer only does so at the end of the whole string.
+        if (len(w) > 1 and w.endswith(".") and "." not in w[:-1]
+                and w[:-1].strip("\"')]}") not in _ABBREVIATIONS):
+            w = w[:-1] + " ."
+        words.append(w)
+    # Stanford separates currency symbols from amounts ("£20" -> "£ 20"); nltk only does '$'.
+    text = re.sub(r"([£€¥¢])", r" \1 ", " ".join(words))
+    return [t for t in _tokenizers()[0].tokenize(text) if t not in _COCO_PUNCT]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _check(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    if len(hypotheses) != len(references):
+        raise ConfigError(f"score: {len(hypotheses)} hypotheses but {len(references)} reference "
+                          "lists; expected one hypothesis per reference list")
+    if not hypotheses:
+        raise ConfigError("score: no hypotheses to score")
+    for i, refs in enumerate(references):
+        if isinstance(refs, str) or not refs:
+            raise ConfigError(f"score: references[{i}] must be a non-empty list of strings, "
+                              f"got {refs!r:.60}")
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU-4 in [0, 1], as mteval-v13a.pl (lowercased, 13a tokens, closest ref length)."""
+    from sacrebleu.metrics import BLEU
+
+    n_refs = max(len(r) for r in references)
+    # sacrebleu takes one stream per reference slot; None marks a missing reference.
+    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(n_refs)]
+    scorer = BLEU(lowercase=True, tokenize="13a", smooth_method="none", effective_order=False)
+    return scorer.corpus_score(list(hypotheses), streams).score / 100.0
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def nist(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]], n: int = 5) -> float:
+    """Corpus NIST as mteval-v13a / pymteval, on tokenized text.
+
+    info(w1..wk) = log2(count(w1..wk-1) / count(w1..wk)) over all reference tokens (the 0-gram
+    count is the total number of reference words); score = sum_k (sum of info of the clipped
+    hits / number of hypothesis k-grams) * exp(-beta * log(min(sys_len / avg_ref_len, 1))^2)
+    with beta chosen so that a length ratio of 2/3 gives a penalty of 0.5.
+    """
+    counts: Counter = Counter()
+    for rs in refs:
+        for r in rs:
+            counts[()] += len(r)
+            for k in range(1, n + 1):
+                counts.update(_ngrams(r, k))
+    hit_info, hyp_total = [0.0] * n, [0] * n
+    sys_len, ref_len = 0, 0.0
+    for hyp, rs in zip(hyps, refs):
+        for k in range(1, n + 1):
+            hyp_ng = _ngrams(hyp, k)
+            best: Counter = Counter()
+            for r in rs:
+                best |= _ngrams(r, k)  # max count over the references
+            hyp_total[k - 1] += sum(hyp_ng.values())
+            for g, c in hyp_ng.items():
+                hits = min(c, best[g])
+                if hits:
+                    hit_info[k - 1] += hits * math.log2(counts[g[:-1]] / counts[g])
+        sys_len += len(hyp)
+        ref_len += sum(len(r) for r in rs) / len(rs)
+    total = sum(h / t for h, t in zip(hit_info, hyp_total) if t)
+    ratio = sys_len / ref_len if ref_len else 0.0
+    if ratio >= 1:
+        penalty = 1.0
+    elif ratio <= 0:
+        penalty = 0.0
+    else:
+        beta = -math.log(0.5) / math.log(1.5) ** 2
+        penalty = math.exp(-beta * math.log(ratio) ** 2)
+    return total * penalty
+
+
+def rouge_l(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]]) -> float:
+    """pycocoevalcap ROUGE-L (beta 1.2), averaged over sentences."""
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts, res = _coco_dicts(hyps, refs)
+    return float(Rouge().compute_score(gts, res)[0])
+
+
+def cider(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]]) -> float:
+    """pycocoevalcap CIDEr (the COCO evaluator's CIDEr-D), document frequencies from `refs`."""
+    from pycocoevalcap.cider.cider import Cider
+
+    gts, res = _coco_dicts(hyps, refs)
+    return float(Cider().compute_score(gts, res)[0])
+
+
+def _coco_dicts(hyps, refs) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    return ({i: [" ".join(r) for r in rs] for i, rs in enumerate(refs)},
+            {i: [" ".join(h)] for i, h in enumerate(hyps)})
+
+
+def meteor(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]], *,
+           paraphrase: bool = True) -> float:
+    """Corpus METEOR 1.5 on COCO-tokenized text (re-normalized as the jar's -norm does)."""
+    from splitlora_ds.evaluate.meteor import corpus_meteor
+
+    norm = lambda toks: mteval_tokenize(" ".join(toks))  # noqa: E731
+    return corpus_meteor([norm(h) for h in hyps], [[norm(r) for r in rs] for rs in refs],
+                         paraphrase=paraphrase)
+
+
+def score(hypotheses: list[str], references: list[list[str]], *,
+          meteor_paraphrase: bool = True) -> dict[str, float]:
+    """The five E2E metrics of `hypotheses[i]` against its references `references[i]`.
+
+    `meteor_paraphrase=False` skips METEOR's paraphrase module (saves the few seconds spent
+    reading its table; METEOR then comes out slightly lower than the official one).
+    """
+    _check(hypotheses, references)
+    refs = [[_fix(r) for r in rs] for rs in references]
+    mt_h = [mteval_tokenize(h) for h in hypotheses]
+    mt_r = [[mteval_tokenize(r) for r in rs] for rs in refs]
+    co_h = [coco_tokenize(h) for h in hypotheses]
+    co_r = [[coco_tokenize(r) for r in rs] for rs in refs]
+    return {"bleu": bleu(hypotheses, refs), "nist": nist(mt_h, mt_r),
+            "meteor": meteor(co_h, co_r, paraphrase=meteor_paraphrase),
+            "rouge_l": rouge_l(co_h, co_r), "cider": cider(co_h, co_r)}
+
+
+def _fix(text: str) -> str:
+    for bad, good in _FIXES:
+        text = text.replace(bad, good)
+    return text
+
+
+# --------------------------------------------------------------------------- files
+
+
+def load_references(csv_path: str | Path) -> tuple[list[str], list[list[str]]]:
+    """MRs in order of first appearance and each MR's references, from an E2E `mr,ref` CSV.
+
+    Rows of one MR need not be adjacent: they are grouped wherever they occur.
+    """
+    from splitlora_ds.data.sources import read_e2e_csv  # imports transformers: only when needed
+
+    grouped: dict[str, list[str]] = {}
+    for ex in read_e2e_csv(csv_path, field="--refs"):
+        grouped.setdefault(ex["group"], []).append(ex["target"])
+    return list(grouped), list(grouped.values())
+
+
+def read_hypotheses(path: str | Path) -> list[str]:
+    """One hypothesis per line; only '\\n' separates lines (model output may hold other breaks)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--hyp: file {str(path)!r} does not exist" if not p.exists()
+                          else f"--hyp: {str(path)!r} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--hyp: {str(path)!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":  # the final newline ends the last line, it is no extra line
+        lines.pop()
+    return [line.rstrip("\r").strip() for line in lines]
+
+
+def evaluate_files(hyp_path: str | Path, refs_path: str | Path, *,
+                   meteor_paraphrase: bool = True) -> dict[str, float | int]:
+    hyps = read_hypotheses(hyp_path)
+    mrs, refs = load_references(refs_path)
+    if len(hyps) != len(mrs):
+        raise ConfigError(f"--hyp: {str(hyp_path)!r} has {len(hyps)} lines but --refs "
+                          f"{str(refs_path)!r} has {len(mrs)} distinct MRs; expected one "
+                          "hypothesis per MR, in the order the MRs first appear")
+    out: dict[str, float | int] = dict(score(hyps, refs, meteor_paraphrase=meteor_paraphrase))
+    out.update(n_mrs=len(mrs), n_references=sum(len(r) for r in refs))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="splitlora_ds.evaluate.metrics",
+                                 description="Score hypotheses with the E2E challenge metrics.")
+    ap.add_argument("--hyp", required=True, help="hypotheses, one line per distinct MR of --refs")
+    ap.add_argument("--refs", required=True, help="E2E reference CSV with columns mr,ref")
+    ap.add_argument("--out", required=True, help="JSON file to write the scores to")
+    ap.add_argument("--no-paraphrase", action="store_true",
+                    help="skip METEOR's paraphrase matching (faster, slightly lower METEOR)")
+    args = ap.parse_args(argv)
+    try:
+        scores = evaluate_files(args.hyp, args.refs, meteor_paraphrase=not args.no_paraphrase)
+        out = Path(args.out)
+        if out.parent and not out.parent.exists():
+            raise ConfigError(f"--out: directory {str(out.parent)!r} does not exist")
+        out.write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+    except ConfigError as e:
+        print(f"splitlora_ds: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(json.dumps(scores))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
