@@ -62,7 +62,7 @@ def test_bf16_wire_halves_traffic_and_stays_close(centralized, tmp_path):
     family, ref_losses, _, _ = centralized
     runs = {}
     for wire in ("float32", "bfloat16"):
-        recipe = write_recipe(tmp_path / wire, family, split={"wire_dtype": wire})
+        recipe = write_recipe(tmp_path / wire, family, split={"wire_dtype": wire}, **EVAL)
         check(launch(2, ["--recipe", str(recipe)]))
         runs[wire] = tmp_path / wire / "tb"
     sent = {w: read_scalars(str(d / "client0"), "comm/bytes_sent")[-1][1] for w, d in runs.items()}

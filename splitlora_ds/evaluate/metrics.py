@@ -49,7 +49,7 @@ METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 _COCO_PUNCT = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!",
                          ",", ":", "-", "--", "...", ";", "(", ")", "[", "]", "{", "}"])
 # Abbreviations whose final period is part of the word for a PTB tokenizer.
-_ABBREVIATIONS = frozenset(["mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "mt", "no"])
+_ABBREVIATIONS = frozenset(["mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "mt"])
 # Mojibake the official reader repairs in E2E reference files.
 _FIXES = (("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
 
@@ -108,7 +108,8 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> floa
     # sacrebleu takes one stream per reference slot; None marks a missing reference.
     streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(n_refs)]
     scorer = BLEU(lowercase=True, tokenize="13a", smooth_method="none", effective_order=False)
-    return scorer.corpus_score(list(hypotheses), streams).score / 100.0
+    # min: sacrebleu's float sums can land a hair above 100 for a perfect corpus.
+    return min(scorer.corpus_score(list(hypotheses), streams).score / 100.0, 1.0)
 
 
 def _ngrams(tokens: Sequence[str], n: int) -> Counter:
@@ -236,7 +237,8 @@ def read_hypotheses(path: str | Path) -> list[str]:
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"--hyp: {str(path)!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise ConfigError(f"--hyp: {str(path)!r} is not valid UTF-8 "
+                          f"({exc.reason} at byte {exc.start})") from None
     lines = text.split("\n")
     if lines and lines[-1] == "":  # the final newline ends the last line, it is no extra line
         lines.pop()
