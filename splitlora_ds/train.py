@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.world_size:
             print(1 if cfg.mode == "centralized" else cfg.federation.clients + cfg.split.server_stages)
             return 0
-        from .trainer import prepare, train  # DeepSpeed and transformers load only for real runs
+        from .prepare import prepare
+        from .trainer import train  # DeepSpeed and transformers load only for real runs
 
         prep = prepare(cfg, dry_run=args.dry_run, resume=args.resume)
         if args.dry_run:

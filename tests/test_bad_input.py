@@ -2,7 +2,7 @@
 
 import pytest
 
-from _launch import ROOT, launch, write_recipe
+from _launch import launch, write_recipe
 from splitlora_ds.train import main
 
 

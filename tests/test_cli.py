@@ -14,7 +14,7 @@ def test_world_size_is_clients_plus_server_stages(tmp_path, capsys):
 
 def test_epochs_set_the_run_length(tmp_path, monkeypatch):
     from splitlora_ds.config import load_config
-    from splitlora_ds.trainer import prepare
+    from splitlora_ds.prepare import prepare
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "2")

@@ -1,7 +1,6 @@
 """With one client, I = 1 and plain SGD, split training is centralized LoRA, number for number."""
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from _launch import check, launch, run_single, write_recipe

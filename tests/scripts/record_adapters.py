@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 from splitlora_ds import schedule as S
 from splitlora_ds.config import load_config
 from splitlora_ds.train import parse_args
-from splitlora_ds.trainer import prepare, train
+from splitlora_ds.prepare import prepare
+from splitlora_ds.trainer import train
 
 out_dir = sys.argv.pop(sys.argv.index("--out") + 1)
 sys.argv.remove("--out")

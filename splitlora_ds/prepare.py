@@ -1,0 +1,169 @@
+"""Everything a rank decides before the first collective call: validation and planning.
+
+Everything that can be wrong with the input (recipe, ds_config, model, split, world size, data,
+checkpoint to resume) is checked here on every rank, so a bad launch ends with the same one-line
+error everywhere instead of a hang. Planning is deterministic, so all ranks agree on the run
+length and the number of evaluation batches without talking to each other.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .data import ClientBatches, collate, concat_batches, load_tokenizer, pooled_batches
+from .data.build import DataPlan, plan_data, tokenize_client
+from .ds_config import load_ds_config
+from .errors import ConfigError
+from .models import get_family
+from .models.lora import target_modules_in_family
+from .partition import SplitPlan, StagePlan, centralized_plan, make_split_plan
+from .topology import Role, Topology, env_world
+
+
+@dataclass
+class Prepared:
+    """What a rank knows after validation, before any process group exists."""
+
+    cfg: RunConfig
+    rank: int
+    local_rank: int
+    role: Role
+    topology: Topology
+    plan: Optional[SplitPlan]  # None in centralized mode
+    stage_plan: StagePlan
+    family: object
+    hf_config: object
+    ds_config: dict
+    max_steps: int = 0
+    data_plan: Optional[DataPlan] = None
+    batches: Optional[Iterator[dict]] = None
+    eval_batches: list[dict] = field(default_factory=list)  # this rank's validation batches, in order
+    num_eval_batches: int = 0  # per evaluation, the same on every rank (0: no validation data)
+    num_samples: int = 0  # this client's sample count (FedAvg weight); all samples when centralized
+    streams: list[ClientBatches] = field(default_factory=list)  # the training streams this rank draws from
+    resume: Optional[ckpt.Loaded] = None  # this rank's part of the checkpoint to continue from
+
+
+def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None) -> Prepared:
+    """Validate everything and plan this rank's part. `dry_run`: plan only (no data, no world).
+    `resume`: a checkpoint (step dir, checkpoint.dir or 'latest'), checked and read here."""
+    rank, world, local_rank = env_world()
+    family = get_family(cfg.model.family)
+    hf_config = family.load_config(cfg.model.pretrained, cfg.model.config, cfg.model.attn_implementation,
+                                   offline_known=dry_run)
+    num_blocks = family.num_blocks(hf_config)
+    target_modules_in_family(family, hf_config, cfg.lora.target_modules or list(family.default_target_modules))
+    if cfg.lora.fused_qkv is not None:
+        family.restrict_fused_qkv(torch.nn.Module(), hf_config, cfg.lora.rank, cfg.lora.fused_qkv)  # refuses if unsupported
+    ds_config = load_ds_config(cfg.deepspeed_config)
+    topology = Topology(cfg.federation.clients, cfg.split.server_stages)
+
+    if cfg.mode == "split":
+        plan = make_split_plan(num_blocks, [cfg.split.client_layers] * topology.clients,
+                               topology.server_stages, cfg.split.partition_method,
+                               _block_weights(family, hf_config) if cfg.split.partition_method == "parameters" else None)
+        if not dry_run:
+            topology.check_world_size(world)
+        role = topology.role_of(rank if not dry_run else 0)
+        stage_plan = plan.clients[role.index] if role.is_client else plan.server[role.index]
+    else:
+        if world != 1 and not dry_run:
+            raise ConfigError(f"mode=centralized runs in one process, but the world size is {world}; "
+                              "run it with `python -m splitlora_ds.train ... --set mode=centralized`")
+        plan, role, stage_plan = None, Role("centralized", 0, 0), centralized_plan(num_blocks)
+    if cfg.checkpoint.every and not cfg.checkpoint.dir:
+        raise ConfigError("checkpoint.every: set checkpoint.dir to say where checkpoints go")
+    prep = Prepared(cfg, rank, local_rank, role, topology, plan, stage_plan, family, hf_config, ds_config)
+    if not dry_run:
+        _prepare_data(prep)
+    if resume is not None and not dry_run:
+        directory = ckpt.resolve(resume, cfg.checkpoint.dir)
+        layout = (topology.clients, topology.server_stages) if cfg.mode == "split" else (1, 0)
+        ckpt.check_compatible(ckpt.read_meta(directory), cfg.to_dict(), *layout, directory)
+        prep.resume = ckpt.load_rank(directory, role.name)
+        if prep.resume.step >= prep.max_steps:
+            raise ConfigError(f"--resume: {directory} is at step {prep.resume.step}, the run ends at "
+                              f"{prep.max_steps}; raise train.max_steps to train further")
+    return prep
+
+
+def _block_weights(family, hf_config) -> list[float]:
+    """Parameter counts per block for the 'parameters' partitioner (built on the meta device);
+    the head's count is added to the last block since it rides with the last stage."""
+    specs = family.layer_specs(hf_config)
+    with torch.device("meta"):
+        block = sum(p.numel() for p in specs[1].build().parameters())
+        head = sum(p.numel() for p in specs[-1].build().parameters())
+    weights = [float(block)] * family.num_blocks(hf_config)
+    weights[-1] += head
+    return weights
+
+
+def _prepare_data(prep: Prepared) -> None:
+    """Every rank plans the data (cheap: no tokenization) so that errors surface everywhere and
+    all ranks agree on the run length and the number of evaluation batches. Clients tokenize only
+    their own shard; the server needs no data (labels come with the activations); the centralized
+    run pools every client's batches step by step."""
+    cfg, role = prep.cfg, prep.role
+    d, clients, seed = cfg.data, cfg.federation.clients, cfg.train.seed
+    tokenizer = load_tokenizer(d.tokenizer)
+    vocab = getattr(prep.hf_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(f"model.config.vocab_size: {vocab} is smaller than the tokenizer's "
+                          f"{len(tokenizer)} tokens ({d.tokenizer or 'byte'})")
+    positions = getattr(prep.hf_config, "n_positions", None) or getattr(prep.hf_config, "max_position_embeddings", None)
+    if positions is not None and d.max_length > positions:
+        raise ConfigError(f"data.max_length: {d.max_length} exceeds the model's {positions} positions")
+    data_plan = plan_data(d, clients, seed)
+    prep.data_plan = data_plan
+    counts = data_plan.sample_counts()
+    prep.max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * (sum(counts) / clients) / cfg.train.batch_size)
+    eval_bs = cfg.eval.batch_size or cfg.train.batch_size
+    longest_val = max(len(v) for v in data_plan.val_shards) if data_plan.val_shards else 0
+    prep.num_eval_batches = min(math.ceil(longest_val / eval_bs), cfg.eval.max_batches or 10**12)
+    if role.is_server:
+        return
+
+    owned = [role.index] if role.is_client else list(range(clients))
+    streams, val_batches = [], []
+    for c in owned:
+        train_rows, val_rows, tok_counts = tokenize_client(data_plan, c, tokenizer, d)
+        if tok_counts.truncated or tok_counts.dropped:
+            print(f"[splitlora_ds] client{c}: {tok_counts.truncated} samples truncated, {tok_counts.dropped} "
+                  f"dropped (data.overlong={d.overlong}, data.max_length={d.max_length})", file=sys.stderr)
+        if not train_rows:
+            raise ConfigError(f"data: client{c} has no samples left after data.overlong={d.overlong}")
+        streams.append(ClientBatches(train_rows, cfg.train.batch_size, _client_seed(seed, c), tokenizer.pad_token_id))
+        val_batches.append([collate(val_rows[i:i + eval_bs], tokenizer.pad_token_id)
+                            for i in range(0, len(val_rows), eval_bs)][:prep.num_eval_batches])
+    prep.num_samples = sum(s.num_samples for s in streams)
+    prep.streams = streams
+    if role.is_client:
+        prep.batches, prep.eval_batches = streams[0], val_batches[0]
+    else:
+        prep.batches = pooled_batches(streams, tokenizer.pad_token_id)
+        prep.eval_batches = _pool_eval_batches(val_batches, prep.num_eval_batches, tokenizer.pad_token_id)
+
+
+def _pool_eval_batches(per_client: list[list[dict]], count: int, pad_token_id: int) -> list[dict]:
+    """The centralized run's evaluation batches: batch j joins every client's j-th batch, so it
+    scores exactly the tokens the split run's server scores."""
+    pooled = []
+    for j in range(count):
+        parts = [batches[j] for batches in per_client if j < len(batches)]
+        batch = concat_batches(parts, pad_token_id)
+        batch["client_sizes"] = [batches[j]["input_ids"].shape[0] if j < len(batches) else 0
+                                 for batches in per_client]
+        pooled.append(batch)
+    return pooled
+
+
+def _client_seed(seed: int, client: int) -> int:
+    return seed * 1009 + client
