@@ -17,20 +17,17 @@ import yaml
 from . import checkpoint as ckpt
 from .aggregation import sample_weights
 from .comm import P2P
+from .config import RunConfig
 from .ds_config import role_ds_config
 from .engine import Observer, StageRunner
 from .errors import ConfigError
-from .config import RunConfig
-from .prepare import Prepared
 from .logging import MetricsWriter, Progress
+from .prepare import Prepared
 from .schedule import is_eval_step
 from .stage import build_stage, save_adapters
 from .topology import SingleRankMPU, Topology, init_distributed, make_groups, select_device, share_cpu_threads
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ---------------------------------------------------------------------------------- training
 
 
 def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
