@@ -158,6 +158,10 @@ def _restore(prep: Prepared, stage, engine, p2p: P2P) -> int:
     engine.optimizer.load_state_dict(loaded.state["optimizer"])
     if engine.lr_scheduler is not None and loaded.state["scheduler"]:
         engine.lr_scheduler.load_state_dict(loaded.state["scheduler"])
+        # DeepSpeed's schedulers restore only their iteration; set the rate for it now, so a run
+        # resumed with a longer train.max_steps follows its new schedule from the first step.
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_lr()):
+            group["lr"] = lr
     for stream, state in zip(prep.streams, loaded.state["data"]):
         stream.load_state_dict(state)
     p2p.bytes_sent, p2p.bytes_received = loaded.state["bytes"]

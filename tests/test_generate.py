@@ -71,3 +71,9 @@ def test_bad_model_folder_is_an_error(tmp_path, capsys):
     csv.write_text("mr,ref\nname[A],A.\n")
     assert evaluate_main(["--model", str(tmp_path / "nope"), "--data", str(csv), "--out", str(tmp_path / "r.json")]) == 2
     assert "--model: no such folder" in capsys.readouterr().err
+
+
+def test_missing_data_file_names_the_option(exported, tmp_path, capsys):
+    assert evaluate_main(["--model", str(exported / "merged"), "--data", str(tmp_path / "no.csv"),
+                          "--out", str(tmp_path / "r.json")]) == 2
+    assert "--data: file" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                             ("--batch-size", args.batch_size)):
             if value < 1:
                 raise ConfigError(f"{flag}: {value} is invalid; must be >= 1")
-        mrs, references = load_references(args.data)
+        mrs, references = load_references(args.data, field="--data")
         if args.limit:
             mrs, references = mrs[:args.limit], references[:args.limit]
         model, tokenizer = load_model(args.model, args.device)

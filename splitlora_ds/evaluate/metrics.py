@@ -215,15 +215,16 @@ def _fix(text: str) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def load_references(csv_path: str | Path) -> tuple[list[str], list[list[str]]]:
+def load_references(csv_path: str | Path, field: str = "--refs") -> tuple[list[str], list[list[str]]]:
     """MRs in order of first appearance and each MR's references, from an E2E `mr,ref` CSV.
 
-    Rows of one MR need not be adjacent: they are grouped wherever they occur.
+    Rows of one MR need not be adjacent: they are grouped wherever they occur. `field` names the
+    command-line option in error messages.
     """
     from splitlora_ds.data.sources import read_e2e_csv  # imports transformers: only when needed
 
     grouped: dict[str, list[str]] = {}
-    for ex in read_e2e_csv(csv_path, field="--refs"):
+    for ex in read_e2e_csv(csv_path, field=field):
         grouped.setdefault(ex["group"], []).append(ex["target"])
     return list(grouped), list(grouped.values())
 
