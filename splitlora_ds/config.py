@@ -18,7 +18,7 @@ import yaml
 
 from .errors import ConfigError
 
-MODES = ("split", "centralized")
+MODES = ("split", "centralized", "fedlora")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import schedule as S
@@ -103,6 +104,7 @@ class StageRunner:
             S.RecvGrads: self._recv_grads,
             S.OptimizerStep: self._optimizer_step,
             S.AverageAdapters: self._average_adapters,
+            S.ReduceLossStats: self._reduce_loss_stats,
         }
 
     # ------------------------------------------------------------------ driver
@@ -141,13 +143,22 @@ class StageRunner:
             self.engine.train()
             self.training = True
             self.eval_batches = None
+        if result is not None and self._whole_model_client():
+            # fedlora: each client scored its own shard; the job-wide figure sums them all.
+            sums, tokens = self._sum_over_clients(result.loss_sum, result.tokens)
+            result.loss_sum, result.tokens = float(sum(sums)), int(sum(tokens))
+            result.client_loss_sum, result.client_tokens = sums, tokens
         if result is not None:
             result.seconds = time.perf_counter() - t0
         return result
 
     def _computes_loss(self) -> bool:
-        return self.role.kind == "centralized" or (
-            self.role.is_server and self.role.index == self.topology.server_stages - 1)
+        return (self.role.kind == "centralized" or self._whole_model_client()
+                or (self.role.is_server and self.role.index == self.topology.server_stages - 1))
+
+    def _whole_model_client(self) -> bool:
+        """fedlora: a client that holds the whole model (no server stages)."""
+        return self.role.is_client and self.topology.server_stages == 0
 
     def _reset(self) -> None:
         self.x = self.mask = self.labels = self.sizes = None
@@ -241,6 +252,23 @@ class StageRunner:
         # The rate this step applies (DeepSpeed's schedulers advance inside engine.step()).
         self.stats.lr = float(self.engine.optimizer.param_groups[0]["lr"])
         self.engine.step()
+
+    def _reduce_loss_stats(self, _: S.ReduceLossStats) -> None:
+        sums, tokens = self._sum_over_clients(self.stats.loss_sum, self.stats.tokens)
+        self.stats.client_loss = [s / max(t, 1) for s, t in zip(sums, tokens)]
+        self.stats.client_tokens = tokens
+        self.stats.tokens = int(sum(tokens))
+        self.stats.loss = float(sum(sums)) / max(self.stats.tokens, 1)
+
+    def _sum_over_clients(self, loss_sum: float, tokens: int) -> tuple[list[float], list[int]]:
+        """Every client's (loss sum, token count), gathered with one all-reduce."""
+        c = self.topology.clients
+        buf = torch.zeros(2 * c, dtype=torch.float64, device=self.p2p.staging)
+        buf[self.role.index], buf[c + self.role.index] = loss_sum, tokens
+        if c > 1:
+            dist.all_reduce(buf, group=self.groups.clients)
+        values = buf.tolist()
+        return values[:c], [int(t) for t in values[c:]]
 
     def _average_adapters(self, _: S.AverageAdapters) -> None:
         params = list(self.stage.adapter_parameters().values())

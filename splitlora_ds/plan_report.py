@@ -28,7 +28,10 @@ def plan_report(cfg: RunConfig, family, hf_config, plan, recipe: str) -> str:
     lines.append(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, dropout {cfg.lora.dropout:g} on "
                  f"{', '.join(targets)}{fused}")
     whole_total, whole_trainable = stage_counts(family, hf_config, centralized_plan(family.num_blocks(hf_config)), cfg)
-    if plan is None:
+    if cfg.mode == "fedlora":
+        lines.append(f"mode: fedlora, world size {cfg.federation.clients}: every client holds the whole model; "
+                     f"FedAvg every {cfg.federation.aggregate_every} step(s)")
+    elif plan is None:
         lines.append("mode: centralized (1 process)")
     else:
         lines.append(f"mode: split, world size {len(plan.all_stages())} = {len(plan.clients)} clients + "

@@ -73,6 +73,15 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
             topology.check_world_size(world)
         role = topology.role_of(rank if not dry_run else 0)
         stage_plan = plan.clients[role.index] if role.is_client else plan.server[role.index]
+    elif cfg.mode == "fedlora":
+        # The FedLoRA baseline: every client rank holds the whole model; there is no server.
+        topology = Topology(cfg.federation.clients, 0)
+        if world != topology.clients and not dry_run:
+            raise ConfigError(f"world size {world} != federation.clients ({topology.clients}) for mode=fedlora "
+                              f"(every rank is a client with the whole model); launch with "
+                              f"`deepspeed --num_gpus {topology.clients} ...`")
+        plan, role = None, topology.role_of(rank if not dry_run else 0)
+        stage_plan = centralized_plan(num_blocks)
     else:
         if world != 1 and not dry_run:
             raise ConfigError(f"mode=centralized runs in one process, but the world size is {world}; "
@@ -85,7 +94,7 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
         _prepare_data(prep)
     if resume is not None and not dry_run:
         directory = ckpt.resolve(resume, cfg.checkpoint.dir)
-        layout = (topology.clients, topology.server_stages) if cfg.mode == "split" else (1, 0)
+        layout = (1, 0) if cfg.mode == "centralized" else (topology.clients, topology.server_stages)
         ckpt.check_compatible(ckpt.read_meta(directory), cfg.to_dict(), *layout, directory)
         prep.resume = ckpt.load_rank(directory, role.name)
         if prep.resume.step >= prep.max_steps:

@@ -8,6 +8,8 @@ runs them as one batch, so no client waits for another to be served.
     server stage: RecvActivations Forward (ComputeLoss | SendActivations RecvGrads) Backward
                   SendGrads OptimizerStep
     centralized:  LoadBatch Forward ComputeLoss Backward OptimizerStep
+    fedlora c:    LoadBatch Forward ComputeLoss Backward OptimizerStep ReduceLossStats [AverageAdapters]
+                  (every client holds the whole model: the FedLoRA baseline)
 
 An evaluation batch is the forward half alone (no gradients, no optimizer):
 
@@ -82,6 +84,11 @@ class AverageAdapters(Instruction):
     pass
 
 
+@dataclass(frozen=True)
+class ReduceLossStats(Instruction):
+    """fedlora: sum every client's loss and token counts so the job-wide loss can be logged."""
+
+
 def is_aggregation_step(step: int, aggregate_every: int, max_steps: int | None = None) -> bool:
     """Step numbers are 0-based; averaging follows every `aggregate_every`-th local step and the
     last step, so a run always ends with one global model (what is evaluated and exported)."""
@@ -110,12 +117,21 @@ def server_step(topology: Topology, stage: int) -> list[Instruction]:
     return out
 
 
+def fedlora_step(topology: Topology, step: int, aggregate_every: int, max_steps: int | None = None) -> list[Instruction]:
+    out: list[Instruction] = [LoadBatch(), Forward(), ComputeLoss(), Backward(), OptimizerStep(), ReduceLossStats()]
+    if topology.clients > 1 and is_aggregation_step(step, aggregate_every, max_steps):
+        out.append(AverageAdapters())
+    return out
+
+
 def centralized_step() -> list[Instruction]:
     return [LoadBatch(), Forward(), ComputeLoss(), Backward(), OptimizerStep()]
 
 
 def step_instructions(role: Role, topology: Topology, step: int, aggregate_every: int,
                       max_steps: int | None = None) -> list[Instruction]:
+    if role.kind == "client" and topology.server_stages == 0:
+        return fedlora_step(topology, step, aggregate_every, max_steps)
     if role.kind == "client":
         return client_step(topology, step, aggregate_every, max_steps)
     if role.kind == "server":
@@ -124,6 +140,8 @@ def step_instructions(role: Role, topology: Topology, step: int, aggregate_every
 
 
 def eval_instructions(role: Role, topology: Topology) -> list[Instruction]:
+    if role.kind == "client" and topology.server_stages == 0:  # fedlora: each client scores its own shard
+        return [LoadEvalBatch(), Forward(), ComputeLoss()]
     if role.kind == "client":
         return [LoadEvalBatch(), Forward(), SendActivations(topology.server_rank(0))]
     if role.kind == "server":

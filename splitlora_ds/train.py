@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         if args.world_size:
-            print(1 if cfg.mode == "centralized" else cfg.federation.clients + cfg.split.server_stages)
+            sizes = {"centralized": 1, "fedlora": cfg.federation.clients}
+            print(sizes.get(cfg.mode, cfg.federation.clients + cfg.split.server_stages))
             return 0
         from .prepare import prepare
         from .trainer import train  # DeepSpeed and transformers load only for real runs

@@ -36,7 +36,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     share_cpu_threads()
     init_distributed(cfg.dist.timeout_s, cfg.dist.backend)
     timeout = timedelta(seconds=cfg.dist.timeout_s)
-    layout = topology if cfg.mode == "split" else Topology(1, 0)
+    layout = Topology(1, 0) if cfg.mode == "centralized" else topology
     groups = make_groups(layout, prep.rank, timeout)
     device = select_device(prep.local_rank)
     torch.manual_seed(cfg.train.seed + 100_003 * prep.rank)  # dropout differs per rank
@@ -58,7 +58,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     runner = StageRunner(role, topology, stage, engine, p2p, groups, cfg.federation.aggregate_every,
                          prep.batches, weight, observers, cfg.train.label_smoothing, prep.max_steps)
     start = _restore(prep, stage, engine, p2p) if prep.resume else 0
-    main = role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)
+    main = (role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)
+            or (cfg.mode == "fedlora" and prep.rank == 0))
     # purge_step: a resumed run replaces whatever the first run logged after its checkpoint.
     writer = MetricsWriter(cfg.log.dir, role.name, purge_step=start if start else None)
     if main:
@@ -135,10 +136,11 @@ def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, s
     ckpt.save_rank(directory, prep.role.name, stage.adapter_parameters(), state)
     dist.barrier()  # every rank's files are in place before the checkpoint is marked complete
     if prep.rank == 0:
-        roles = ([p.name for p in prep.plan.all_stages()] if prep.plan else ["centralized"])
+        layout = Topology(1, 0) if cfg.mode == "centralized" else prep.topology
+        roles = (["centralized"] if cfg.mode == "centralized"
+                 else [layout.role_of(r).name for r in range(layout.world_size)])
         ckpt.write_meta(directory, {"format": 1, "step": steps_done, "config": cfg.to_dict(), "roles": roles,
-                                    "world": {"clients": prep.topology.clients if prep.plan else 1,
-                                              "server_stages": prep.topology.server_stages if prep.plan else 0},
+                                    "world": {"clients": layout.clients, "server_stages": layout.server_stages},
                                     "sample_counts": sample_counts})
         ckpt.prune(cfg.checkpoint.dir, cfg.checkpoint.keep)
     dist.barrier()  # nobody races ahead into a checkpoint that is still being pruned
@@ -172,6 +174,10 @@ def _restore(prep: Prepared, stage, engine, p2p: P2P) -> int:
 
 def _announce(prep: Prepared) -> None:
     cfg = prep.cfg
+    if cfg.mode == "fedlora":
+        print(f"[splitlora_ds] mode=fedlora: {prep.topology.clients} clients, each with the whole model "
+              f"({prep.stage_plan.describe()}), FedAvg every {cfg.federation.aggregate_every} step(s)", flush=True)
+        return
     if prep.plan is None:
         print(f"[splitlora_ds] mode=centralized: {prep.stage_plan.describe()}", flush=True)
         return

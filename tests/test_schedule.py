@@ -47,3 +47,13 @@ def test_sends_and_receives_pair_up():
 def test_role_names():
     topo = Topology(clients=2, server_stages=2)
     assert [topo.role_of(r).name for r in range(4)] == ["client0", "client1", "server0", "server1"]
+
+
+def test_fedlora_clients_run_the_whole_model_locally():
+    topo = Topology(clients=2, server_stages=0)
+    steps = [S.step_instructions(topo.role_of(0), topo, s, 2, max_steps=3) for s in range(3)]
+    local = [S.LoadBatch(), S.Forward(), S.ComputeLoss(), S.Backward(), S.OptimizerStep(), S.ReduceLossStats()]
+    assert steps[0] == local
+    assert steps[1] == steps[2] == local + [S.AverageAdapters()]  # every 2nd step, and the last
+    assert not any(isinstance(i, (S.SendActivations, S.RecvGrads)) for i in sum(steps, []))
+    assert S.eval_instructions(topo.role_of(1), topo) == [S.LoadEvalBatch(), S.Forward(), S.ComputeLoss()]
