@@ -123,6 +123,9 @@ class DataConfig:
         _require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", self.validation_fraction,
                  "must be in [0, 1)")
         _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "must be > 0")
+        _require(self.source != "synthetic" or (self.path is None and self.validation is None), "data.path",
+                 self.path or self.validation, "data.source=synthetic generates its data in code; "
+                 "set data.source=e2e or instruction to read a file")
         if self.source != "synthetic" and self.partition != "by_file":
             _require(self.path is not None, "data.path", self.path, f"data.source={self.source} needs a file or hub name")
         if self.partition == "by_file":

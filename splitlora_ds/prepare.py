@@ -137,6 +137,9 @@ def _prepare_data(prep: Prepared) -> None:
     eval_bs = cfg.eval.batch_size or cfg.train.batch_size
     longest_val = max(len(v) for v in data_plan.val_shards) if data_plan.val_shards else 0
     prep.num_eval_batches = min(math.ceil(longest_val / eval_bs), cfg.eval.max_batches or 10**12)
+    if cfg.eval.every and not prep.num_eval_batches:
+        raise ConfigError(f"eval.every: {cfg.eval.every}, but there is no validation data; set "
+                          "data.validation or data.validation_fraction")
     if role.is_server:
         return
 

@@ -24,6 +24,9 @@ CASES = [
     (["--set", "train.max_step=3"], "train.max_step: unknown recipe key; did you mean 'train.max_steps'?"),
     (["--set", "data.num_samples=1"], "federation.clients: 2 clients but only 1 training samples"),
     (["--set", "model.config.n_layerz=2"], "model.config.n_layerz"),
+    (["--set", "eval.every=5"], "eval.every: 5, but there is no validation data"),
+    (["--set", "data.path=train.csv"], "data.path: 'train.csv' is invalid; data.source=synthetic generates"),
+    (["--set", "data.source=e2e", "--set", "data.path=/no/such.csv"], "data.path"),
 ]
 
 
