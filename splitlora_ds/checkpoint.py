@@ -42,7 +42,8 @@ def step_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"{PREFIX}{step:06d}"
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` then rename into place: readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
@@ -51,13 +52,13 @@ def _atomic(path: Path, write) -> None:
 def save_rank(directory: Path, role_name: str, adapters: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous() for n, t in adapters.items()}
-    _atomic(directory / f"{role_name}.safetensors", lambda p: save_file(tensors, str(p)))
-    _atomic(directory / f"{role_name}.state.pt", lambda p: torch.save(state, p))
+    atomic_write(directory / f"{role_name}.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write(directory / f"{role_name}.state.pt", lambda p: torch.save(state, p))
 
 
 def write_meta(directory: Path, meta: dict) -> None:
     """Mark the checkpoint complete (call after every rank's save_rank returned)."""
-    _atomic(directory / META, lambda p: p.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+    atomic_write(directory / META, lambda p: p.write_text(json.dumps(meta, indent=1, sort_keys=True)))
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:

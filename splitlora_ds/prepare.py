@@ -150,8 +150,6 @@ def _prepare_data(prep: Prepared) -> None:
         if tok_counts.truncated or tok_counts.dropped:
             print(f"[splitlora_ds] client{c}: {tok_counts.truncated} samples truncated, {tok_counts.dropped} "
                   f"dropped (data.overlong={d.overlong}, data.max_length={d.max_length})", file=sys.stderr)
-        if not train_rows:
-            raise ConfigError(f"data: client{c} has no samples left after data.overlong={d.overlong}")
         streams.append(ClientBatches(train_rows, cfg.train.batch_size, _client_seed(seed, c), tokenizer.pad_token_id))
         val_batches.append([collate(val_rows[i:i + eval_bs], tokenizer.pad_token_id)
                             for i in range(0, len(val_rows), eval_bs)][:prep.num_eval_batches])

@@ -8,11 +8,15 @@ the same adapters, and the split model starts exactly where the centralized one 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
+from safetensors.torch import save_file
+
+from .checkpoint import atomic_write
 from .config import LoraConfig
 from .models import ModelFamily
 from .errors import ConfigError
@@ -55,14 +59,11 @@ class Stage(nn.Module):
 def save_adapters(stage: Stage, out_dir: str, role_name: str) -> str:
     """Write the stage's LoRA tensors to `out_dir/<role>.safetensors` (keys carry global layer
     indices, so client and server files together hold exactly the centralized model's adapters)."""
-    from safetensors.torch import save_file
-
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{role_name}.safetensors")
+    path = Path(out_dir) / f"{role_name}.safetensors"
     tensors = {n: p.detach().float().cpu().contiguous() for n, p in stage.adapter_parameters().items()}
-    save_file(tensors, path + ".tmp")
-    os.replace(path + ".tmp", path)  # never leave a half-written file under the final name
-    return path
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    return str(path)
 
 
 def build_stage(family: ModelFamily, hf_config, plan: StagePlan, lora: LoraConfig, seed: int,
