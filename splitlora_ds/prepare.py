@@ -62,6 +62,10 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
     target_modules_in_family(family, hf_config, cfg.lora.target_modules or list(family.default_target_modules))
     if cfg.lora.fused_qkv is not None:
         family.restrict_fused_qkv(torch.nn.Module(), hf_config, cfg.lora.rank, cfg.lora.fused_qkv)  # refuses if unsupported
+        targets = cfg.lora.target_modules or list(family.default_target_modules)
+        if family.fused_qkv_module not in targets:
+            raise ConfigError(f"lora.fused_qkv: {cfg.lora.fused_qkv} limits LoRA on {family.fused_qkv_module}, "
+                              f"but lora.target_modules {targets} does not adapt it")
     ds_config = load_ds_config(cfg.deepspeed_config)
     topology = Topology(cfg.federation.clients, cfg.split.server_stages)
 
