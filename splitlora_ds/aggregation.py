@@ -54,3 +54,20 @@ def allreduce_weighted_average_(tensors: Sequence[torch.Tensor], weight: float,
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     for t, avg in zip(tensors, _unflatten_dense_tensors(flat, list(tensors))):
         t.copy_(avg.to(t.dtype))
+
+
+def flat_nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of `tensors` laid end to end (what one transfer of them costs)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def broadcast_(tensors: Sequence[torch.Tensor], src: int, group: Optional[dist.ProcessGroup],
+               staging: Optional[torch.device] = None) -> None:
+    """In place on every member of `group`: t <- t on global rank `src`, in one broadcast."""
+    if not tensors:
+        return
+    flat = _flatten_dense_tensors([t.detach().to(staging or t.device) for t in tensors])
+    dist.broadcast(flat, src=src, group=group)
+    for t, value in zip(tensors, _unflatten_dense_tensors(flat, list(tensors))):
+        t.copy_(value)

@@ -67,16 +67,18 @@ class P2P:
         self.wire_dtype = wire_dtype
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.adapter_bytes_sent = 0  # of bytes_sent: adapters (FedAvg uploads, sequential hand-overs)
 
-    def _to_wire(self, t: torch.Tensor) -> torch.Tensor:
+    def _to_wire(self, t: torch.Tensor, exact: bool) -> torch.Tensor:
         t = t.detach()
-        if self.wire_dtype is not None and t.is_floating_point():
+        if self.wire_dtype is not None and t.is_floating_point() and not exact:
             t = t.to(self.wire_dtype)
         return t.to(self.staging).contiguous()
 
-    def isend(self, tensors: Sequence[torch.Tensor], dst: int) -> list:
-        """Start sending a bundle; returns work handles to `wait()` on."""
-        wire = [self._to_wire(t) for t in tensors]
+    def isend(self, tensors: Sequence[torch.Tensor], dst: int, exact: bool = False) -> list:
+        """Start sending a bundle; returns work handles to `wait()` on. `exact`: in the tensors'
+        own dtype, whatever the wire dtype (weights, not activations)."""
+        wire = [self._to_wire(t, exact) for t in tensors]
         header = encode_header(wire).to(self.staging)
         works = [ds_comm.isend(header, dst)] + [ds_comm.isend(t, dst) for t in wire]
         self.bytes_sent += _nbytes(header) + sum(_nbytes(t) for t in wire)
@@ -84,8 +86,8 @@ class P2P:
         works.append(_Keep([header, *wire]))
         return works
 
-    def send(self, tensors: Sequence[torch.Tensor], dst: int) -> None:
-        wait_all(self.isend(tensors, dst))
+    def send(self, tensors: Sequence[torch.Tensor], dst: int, exact: bool = False) -> None:
+        wait_all(self.isend(tensors, dst, exact))
 
     def recv_many(self, srcs: Sequence[int], float_dtype: torch.dtype) -> list[list[torch.Tensor]]:
         """Receive one bundle from each of `srcs`, all at once (no source waits on another)."""

@@ -18,7 +18,7 @@ import yaml
 
 from .errors import ConfigError
 
-MODES = ("split", "centralized", "fedlora")
+MODES = ("split", "centralized", "fedlora", "sequential")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -223,6 +223,12 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks this run needs: C + S when split, C for fedlora, 1 when centralized."""
+        return {"centralized": 1, "fedlora": self.federation.clients}.get(
+            self.mode, self.federation.clients + self.split.server_stages)
 
 
 # --------------------------------------------------------------------------- loading

@@ -16,9 +16,10 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import schedule as S
-from .aggregation import allreduce_weighted_average_
+from .aggregation import allreduce_weighted_average_, broadcast_, flat_nbytes
 from .comm import P2P
 from .stage import Stage
 from .topology import Groups, Role, Topology
@@ -40,6 +41,16 @@ class StepStats:
     lr: float = 0.0
     averaged: bool = False
     loss_sum: float = 0.0
+    # Seconds per instruction kind: what the rank computed and what it spent sending or waiting.
+    seconds_by: dict[str, float] = field(default_factory=dict)
+    positions: int = 0  # batch rows x (padded) sequence length this rank ran forward
+
+    @property
+    def compute_seconds(self) -> float:
+        return sum(v for k, v in self.seconds_by.items() if k in _COMPUTE)
+
+
+_COMPUTE = ("Forward", "ComputeLoss", "Backward", "OptimizerStep")
 
 
 @dataclass
@@ -72,23 +83,21 @@ class EvalStats:
 
 
 class StageRunner:
-    def __init__(self, role: Role, topology: Topology, stage: Stage, engine, p2p: P2P,
-                 groups: Optional[Groups], aggregate_every: int,
-                 batches: Optional[Iterator[dict]] = None, fedavg_weight: float = 1.0,
-                 observers: Sequence[Observer] = (), label_smoothing: float = 0.0,
-                 max_steps: Optional[int] = None):
+    def __init__(self, role: Role, schedule: S.Schedule, stage: Stage, engine, p2p: P2P,
+                 groups: Optional[Groups], batches: Optional[Iterator[dict]] = None,
+                 fedavg_weight: float = 1.0, observers: Sequence[Observer] = (),
+                 label_smoothing: float = 0.0):
         self.role = role
-        self.topology = topology
+        self.schedule = schedule
+        self.topology: Topology = schedule.topology
         self.stage = stage
         self.engine = engine
         self.p2p = p2p
         self.groups = groups
-        self.aggregate_every = aggregate_every
         self.batches = batches
         self.fedavg_weight = fedavg_weight
         self.observers = list(observers)
         self.label_smoothing = label_smoothing
-        self.max_steps = max_steps
         self.training = True
         self.eval_batches: Optional[Iterator[dict]] = None
         self.device = p2p.device
@@ -105,6 +114,10 @@ class StageRunner:
             S.OptimizerStep: self._optimizer_step,
             S.AverageAdapters: self._average_adapters,
             S.ReduceLossStats: self._reduce_loss_stats,
+            S.SendAdapters: self._send_adapters,
+            S.RecvAdapters: self._recv_adapters,
+            S.ShareAdapters: self._share_adapters,
+            S.TurnBarrier: self._turn_barrier,
         }
 
     # ------------------------------------------------------------------ driver
@@ -112,17 +125,25 @@ class StageRunner:
         self._reset()
         self.stats = StepStats(step)
         t0 = time.perf_counter()
-        for instruction in S.step_instructions(self.role, self.topology, step, self.aggregate_every, self.max_steps):
+        for instruction in self.schedule.train(self.role, step):
+            t = time.perf_counter()
             self._handlers[type(instruction)](instruction)
+            kind = type(instruction).__name__
+            self.stats.seconds_by[kind] = self.stats.seconds_by.get(kind, 0.0) + time.perf_counter() - t
             for observe in self.observers:
                 observe(step, instruction, self)
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
 
     @torch.no_grad()
-    def evaluate(self, batches: Sequence[dict], num_batches: int) -> Optional[EvalStats]:
-        """One pass over validation data: every client sends `num_batches` batches (empty ones
-        once its own shard is exhausted); the last stage returns the token-weighted loss."""
+    def evaluate(self, batches: Sequence[dict], num_batches: int, step: int = -1) -> Optional[EvalStats]:
+        """One pass over validation data after step `step`: every client sends `num_batches`
+        batches (empty ones once its own shard is exhausted); the last stage returns the
+        token-weighted loss."""
+        # comm/ counts training traffic: what evaluation sends is left out of the byte counters.
+        traffic = self.p2p.bytes_sent, self.p2p.bytes_received
+        for instruction in self.schedule.before_eval(self.role, step):
+            self._handlers[type(instruction)](instruction)
         self.engine.eval()
         self.training = False
         empty = {"input_ids": torch.zeros(0, 1, dtype=torch.long),
@@ -135,7 +156,7 @@ class StageRunner:
             for _ in range(num_batches):
                 self._reset()
                 self.stats = StepStats(-1)
-                for instruction in S.eval_instructions(self.role, self.topology):
+                for instruction in self.schedule.eval(self.role):
                     self._handlers[type(instruction)](instruction)
                 if result is not None:
                     result.add(self.stats)
@@ -143,6 +164,7 @@ class StageRunner:
             self.engine.train()
             self.training = True
             self.eval_batches = None
+            self.p2p.bytes_sent, self.p2p.bytes_received = traffic
         if result is not None and self._whole_model_client():
             # fedlora: each client scored its own shard; the job-wide figure sums them all.
             sums, tokens = self._sum_over_clients(result.loss_sum, result.tokens)
@@ -158,7 +180,7 @@ class StageRunner:
 
     def _whole_model_client(self) -> bool:
         """fedlora: a client that holds the whole model (no server stages)."""
-        return self.role.is_client and self.topology.server_stages == 0
+        return self.role.is_client and self.schedule.mode == "fedlora"
 
     def _reset(self) -> None:
         self.x = self.mask = self.labels = self.sizes = None
@@ -187,7 +209,13 @@ class StageRunner:
             self.output = torch.zeros(0, self.x.shape[1], self.stage.hidden_size,
                                       dtype=self.stage.compute_dtype, device=self.device)
             return
-        self.output = self.engine(self.x, self.mask)
+        self.stats.positions += self.x.shape[0] * self.x.shape[1]
+        if self._computes_loss():
+            # The head projects only positions with a next-token target: logits [N, V].
+            has_target = F.pad(self.labels[:, 1:] != -100, (0, 1), value=False)
+            self.output = self.engine(self.x, self.mask, has_target.flatten().nonzero().squeeze(1))
+        else:
+            self.output = self.engine(self.x, self.mask)
 
     def _send_activations(self, ins: S.SendActivations) -> None:
         self.p2p.send([self.output, self.mask, self.labels, self.sizes], ins.dst)
@@ -209,16 +237,23 @@ class StageRunner:
         self.mask = torch.cat(masks)
         self.labels = torch.cat(labels)
         self.sizes = torch.cat([b[3] for b in bundles])
+        if self.role.index == 0 and len(ins.srcs) < self.topology.clients:
+            # Serving some clients only (sequential): rows per client index, 0 for the others,
+            # so the per-client figures downstream name the right client.
+            sizes = torch.zeros(self.topology.clients, dtype=torch.int64, device=self.device)
+            for src, (_h, _m, _l, rows) in zip(ins.srcs, bundles):
+                sizes[src] = rows.sum()
+            self.sizes = sizes
 
     def _compute_loss(self, _: S.ComputeLoss) -> None:
-        logits = self.output[:, :-1].float()
-        targets = self.labels[:, 1:]
+        valid = self.labels[:, 1:] != -100  # position t predicts token t + 1
+        # Logits arrive for the target positions only ([N, V], see _forward), or for all ([B, T, V]).
+        logits = self.output[:, :-1][valid] if self.output.dim() == 3 else self.output
+        targets = self.labels[:, 1:][valid]
         smoothing = self.label_smoothing if self.training else 0.0  # eval/loss: plain cross-entropy
-        token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                     ignore_index=-100, reduction="none",
-                                     label_smoothing=smoothing).view(targets.shape)
-        valid = targets != -100
-        row_loss = token_loss.detach().sum(dim=1)
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=smoothing)
+        row_loss = torch.zeros(valid.shape[0], dtype=token_loss.dtype, device=token_loss.device)
+        row_loss.index_add_(0, valid.nonzero()[:, 0], token_loss.detach())
         row_tokens = valid.sum(dim=1)
         tokens = int(row_tokens.sum())
         self.loss = token_loss.sum() / max(tokens, 1)
@@ -273,9 +308,41 @@ class StageRunner:
     def _average_adapters(self, _: S.AverageAdapters) -> None:
         params = list(self.stage.adapter_parameters().values())
         allreduce_weighted_average_(params, self.fedavg_weight, self.groups.clients, self.p2p.staging)
-        # Mixed-precision optimizers keep fp32 master copies; they must take the average too,
-        # or the next step would write the un-averaged weights back.
+        # Counted as a FedAvg server would see it, whatever the all-reduce algorithm: each client
+        # uploads its adapters and downloads the average.
+        self.p2p.bytes_sent += flat_nbytes(params)
+        self.p2p.bytes_received += flat_nbytes(params)
+        self.p2p.adapter_bytes_sent += flat_nbytes(params)
+        self._refresh_master_weights()
+        self.stats.averaged = True
+
+    def _refresh_master_weights(self) -> None:
+        # Mixed-precision optimizers keep fp32 master copies; they must take adapters written
+        # from outside too, or the next step would write the old weights back.
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
-        self.stats.averaged = True
+
+    def _send_adapters(self, ins: S.SendAdapters) -> None:
+        params = list(self.stage.adapter_parameters().values())
+        self.p2p.send([_flatten_dense_tensors([p.detach() for p in params])], ins.dst, exact=True)
+        self.p2p.adapter_bytes_sent += flat_nbytes(params)
+
+    @torch.no_grad()
+    def _recv_adapters(self, ins: S.RecvAdapters) -> None:
+        params = list(self.stage.adapter_parameters().values())
+        (flat,) = self.p2p.recv(ins.src, params[0].dtype)
+        for p, t in zip(params, _unflatten_dense_tensors(flat, params)):
+            p.copy_(t)
+        self._refresh_master_weights()
+
+    @torch.no_grad()
+    def _share_adapters(self, ins: S.ShareAdapters) -> None:
+        # Not counted in comm/: vanilla split learning would evaluate on the last client; the
+        # broadcast only lets every client's validation shard be scored with that model.
+        params = list(self.stage.adapter_parameters().values())
+        broadcast_(params, ins.src, self.groups.clients, self.p2p.staging)
+        self._refresh_master_weights()
+
+    def _turn_barrier(self, _: S.TurnBarrier) -> None:
+        dist.barrier(group=self.groups.clients)

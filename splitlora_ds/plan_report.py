@@ -34,8 +34,10 @@ def plan_report(cfg: RunConfig, family, hf_config, plan, recipe: str) -> str:
     elif plan is None:
         lines.append("mode: centralized (1 process)")
     else:
-        lines.append(f"mode: split, world size {len(plan.all_stages())} = {len(plan.clients)} clients + "
-                     f"{len(plan.server)} server stage(s); FedAvg every {cfg.federation.aggregate_every} step(s)")
+        how = (f"FedAvg every {cfg.federation.aggregate_every} step(s)" if cfg.mode == "split" else
+               f"clients take turns of {cfg.federation.aggregate_every} step(s) (vanilla split learning)")
+        lines.append(f"mode: {cfg.mode}, world size {len(plan.all_stages())} = {len(plan.clients)} clients + "
+                     f"{len(plan.server)} server stage(s); {how}")
         lines.append(f"{'rank':>4}  {'role':<10}{'layers':<30}{'params':>16}{'trainable':>14}")
         cache: dict[tuple[int, int], tuple[int, int]] = {}
         for rank, sp in enumerate(plan.all_stages()):

@@ -23,6 +23,7 @@ from .ds_config import load_ds_config
 from .errors import ConfigError
 from .models import get_family
 from .models.lora import target_modules_in_family
+from .schedule import Schedule
 from .partition import SplitPlan, StagePlan, centralized_plan, make_split_plan
 from .topology import Role, Topology, env_world
 
@@ -50,6 +51,10 @@ class Prepared:
     streams: list[ClientBatches] = field(default_factory=list)  # the training streams this rank draws from
     resume: Optional[ckpt.Loaded] = None  # this rank's part of the checkpoint to continue from
 
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(self.cfg.mode, self.topology, self.cfg.federation.aggregate_every, self.max_steps)
+
 
 def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None) -> Prepared:
     """Validate everything and plan this rank's part. `dry_run`: plan only (no data, no world).
@@ -69,7 +74,7 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
     ds_config = load_ds_config(cfg.deepspeed_config)
     topology = Topology(cfg.federation.clients, cfg.split.server_stages)
 
-    if cfg.mode == "split":
+    if cfg.mode in ("split", "sequential"):
         plan = make_split_plan(num_blocks, [cfg.split.client_layers] * topology.clients,
                                topology.server_stages, cfg.split.partition_method,
                                _block_weights(family, hf_config) if cfg.split.partition_method == "parameters" else None)
@@ -101,9 +106,9 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
         layout = (1, 0) if cfg.mode == "centralized" else (topology.clients, topology.server_stages)
         ckpt.check_compatible(ckpt.read_meta(directory), cfg.to_dict(), *layout, directory)
         prep.resume = ckpt.load_rank(directory, role.name)
-        if prep.resume.step >= prep.max_steps:
+        if prep.resume.step >= prep.schedule.steps:
             raise ConfigError(f"--resume: {directory} is at step {prep.resume.step}, the run ends at "
-                              f"{prep.max_steps}; raise train.max_steps to train further")
+                              f"{prep.schedule.steps}; raise train.max_steps to train further")
     return prep
 
 

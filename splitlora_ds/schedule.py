@@ -10,6 +10,11 @@ runs them as one batch, so no client waits for another to be served.
     centralized:  LoadBatch Forward ComputeLoss Backward OptimizerStep
     fedlora c:    LoadBatch Forward ComputeLoss Backward OptimizerStep ReduceLossStats [AverageAdapters]
                   (every client holds the whole model: the FedLoRA baseline)
+    sequential:   vanilla split learning: clients take turns of I steps; the active client runs the
+                  client step (no averaging) and at the end of its turn sends its adapters to the
+                  next client (SendAdapters/RecvAdapters); the server serves the active client only;
+                  every client ends each step at a TurnBarrier, so an idle client never waits
+                  longer than one step on a collective (dist.timeout_s stays meaningful).
 
 An evaluation batch is the forward half alone (no gradients, no optimizer):
 
@@ -20,6 +25,7 @@ An evaluation batch is the forward half alone (no gradients, no optimizer):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .topology import Role, Topology
 
@@ -89,10 +95,38 @@ class ReduceLossStats(Instruction):
     """fedlora: sum every client's loss and token counts so the job-wide loss can be logged."""
 
 
+@dataclass(frozen=True)
+class SendAdapters(Instruction):
+    """sequential: hand this client's adapters to the client whose turn comes next."""
+    dst: int
+
+
+@dataclass(frozen=True)
+class RecvAdapters(Instruction):
+    src: int
+
+
+@dataclass(frozen=True)
+class ShareAdapters(Instruction):
+    """sequential: every client takes the adapters of client `src` (a broadcast), so evaluation
+    and the end of the run see the model as the last client left it."""
+    src: int
+
+
+@dataclass(frozen=True)
+class TurnBarrier(Instruction):
+    """sequential: all clients meet once per step."""
+
+
 def is_aggregation_step(step: int, aggregate_every: int, max_steps: int | None = None) -> bool:
     """Step numbers are 0-based; averaging follows every `aggregate_every`-th local step and the
     last step, so a run always ends with one global model (what is evaluated and exported)."""
     return (step + 1) % aggregate_every == 0 or step == (max_steps or 0) - 1
+
+
+def is_eval_step(step: int, eval_every: int, max_steps: int) -> bool:
+    """Evaluate after every `eval_every`-th step (0: never mid-run) and after the last one."""
+    return step == max_steps - 1 or (eval_every > 0 and (step + 1) % eval_every == 0)
 
 
 def client_step(topology: Topology, step: int, aggregate_every: int, max_steps: int | None = None) -> list[Instruction]:
@@ -104,8 +138,10 @@ def client_step(topology: Topology, step: int, aggregate_every: int, max_steps: 
     return out
 
 
-def server_step(topology: Topology, stage: int) -> list[Instruction]:
-    srcs = tuple(topology.client_ranks) if stage == 0 else (topology.server_rank(stage - 1),)
+def server_step(topology: Topology, stage: int, clients: Optional[tuple[int, ...]] = None) -> list[Instruction]:
+    """`clients`: whose activations the first stage serves this step (default: all of them)."""
+    first_srcs = tuple(topology.client_ranks) if clients is None else clients
+    srcs = first_srcs if stage == 0 else (topology.server_rank(stage - 1),)
     out: list[Instruction] = [RecvActivations(srcs), Forward()]
     if stage == topology.server_stages - 1:
         out += [ComputeLoss(), Backward()]
@@ -128,31 +164,102 @@ def centralized_step() -> list[Instruction]:
     return [LoadBatch(), Forward(), ComputeLoss(), Backward(), OptimizerStep()]
 
 
-def step_instructions(role: Role, topology: Topology, step: int, aggregate_every: int,
-                      max_steps: int | None = None) -> list[Instruction]:
-    if role.kind == "client" and topology.server_stages == 0:
-        return fedlora_step(topology, step, aggregate_every, max_steps)
-    if role.kind == "client":
-        return client_step(topology, step, aggregate_every, max_steps)
-    if role.kind == "server":
-        return server_step(topology, role.index)
-    return centralized_step()
-
-
-def eval_instructions(role: Role, topology: Topology) -> list[Instruction]:
-    if role.kind == "client" and topology.server_stages == 0:  # fedlora: each client scores its own shard
-        return [LoadEvalBatch(), Forward(), ComputeLoss()]
+def split_eval(role: Role, topology: Topology) -> list[Instruction]:
+    """One evaluation batch of the split model (used by split and sequential runs)."""
     if role.kind == "client":
         return [LoadEvalBatch(), Forward(), SendActivations(topology.server_rank(0))]
-    if role.kind == "server":
-        stage = role.index
-        srcs = tuple(topology.client_ranks) if stage == 0 else (topology.server_rank(stage - 1),)
-        last = stage == topology.server_stages - 1
-        return [RecvActivations(srcs), Forward(),
-                ComputeLoss() if last else SendActivations(topology.server_rank(stage + 1))]
-    return [LoadEvalBatch(), Forward(), ComputeLoss()]
+    stage = role.index
+    srcs = tuple(topology.client_ranks) if stage == 0 else (topology.server_rank(stage - 1),)
+    last = stage == topology.server_stages - 1
+    return [RecvActivations(srcs), Forward(),
+            ComputeLoss() if last else SendActivations(topology.server_rank(stage + 1))]
 
 
-def is_eval_step(step: int, eval_every: int, max_steps: int) -> bool:
-    """Evaluate after every `eval_every`-th step (0: never mid-run) and after the last one."""
-    return step == max_steps - 1 or (eval_every > 0 and (step + 1) % eval_every == 0)
+@dataclass(frozen=True)
+class Schedule:
+    """A whole run's instructions for one mode: `train(role, step)` for each of `steps` steps,
+    `eval(role)` per evaluation batch after `before_eval(role, step)`.
+
+    Recipe step counts (train.max_steps, eval.every, checkpoint.every, aggregate_every) are per
+    client. Every mode but `sequential` advances all clients in one step; a sequential step is
+    one client's local step, so that run has `clients x max_steps` steps and evaluates and
+    checkpoints every `clients x every` of them: the same data seen at the same points.
+    """
+
+    mode: str  # split | fedlora | centralized | sequential
+    topology: Topology
+    aggregate_every: int
+    max_steps: int  # per client
+
+    @property
+    def steps_per_client_step(self) -> int:
+        return self.topology.clients if self.mode == "sequential" else 1
+
+    @property
+    def steps(self) -> int:
+        return self.max_steps * self.steps_per_client_step
+
+    def every(self, every: int) -> int:
+        """A per-client interval (eval.every, checkpoint.every) in this schedule's steps."""
+        return every * self.steps_per_client_step
+
+    def is_eval_step(self, step: int, eval_every: int) -> bool:
+        return is_eval_step(step, self.every(eval_every), self.steps)
+
+    # ---------------------------------------------------------------- sequential turns
+    def active_client(self, step: int) -> int:
+        """sequential: whose turn step `step` is. Turns last `aggregate_every` local steps; when
+        max_steps is not a multiple of it, the last round's turns are shorter so that every
+        client trains exactly max_steps steps."""
+        c, turn = self.topology.clients, self.aggregate_every
+        full_rounds = self.max_steps // turn
+        if step < full_rounds * turn * c:
+            return (step % (turn * c)) // turn
+        return (step - full_rounds * turn * c) // (self.max_steps - full_rounds * turn)
+
+    def turn_ends(self, step: int) -> bool:
+        return step == self.steps - 1 or self.active_client(step + 1) != self.active_client(step)
+
+    # ---------------------------------------------------------------- instructions
+    def train(self, role: Role, step: int) -> list[Instruction]:
+        topo = self.topology
+        if self.mode == "centralized" or role.kind == "centralized":
+            return centralized_step()
+        if self.mode == "fedlora":
+            return fedlora_step(topo, step, self.aggregate_every, self.max_steps)
+        if self.mode == "split":
+            if role.is_client:
+                return client_step(topo, step, self.aggregate_every, self.max_steps)
+            return server_step(topo, role.index)
+        return self._sequential(role, step)
+
+    def _sequential(self, role: Role, step: int) -> list[Instruction]:
+        topo, active = self.topology, self.active_client(step)
+        if role.is_server:
+            return server_step(topo, role.index, clients=(active,))
+        out: list[Instruction] = []
+        last = step == self.steps - 1
+        nxt = self.active_client(step + 1) if not last else active
+        if role.index == active:
+            out += client_step(topo, step, self.aggregate_every)[:6]  # no averaging in vanilla SL
+            if self.turn_ends(step) and nxt != active:
+                out.append(SendAdapters(nxt))
+        elif role.index == nxt and self.turn_ends(step):
+            out.append(RecvAdapters(active))
+        if topo.clients > 1:
+            if last:
+                out.append(ShareAdapters(active))  # the run ends with one model on every client
+            out.append(TurnBarrier())
+        return out
+
+    def before_eval(self, role: Role, step: int) -> list[Instruction]:
+        """Instructions before the evaluation that follows step `step`."""
+        if (self.mode == "sequential" and role.is_client and self.topology.clients > 1
+                and step != self.steps - 1):  # the last step already shared
+            return [ShareAdapters(self.active_client(step))]
+        return []
+
+    def eval(self, role: Role) -> list[Instruction]:
+        if role.kind == "centralized" or self.mode in ("centralized", "fedlora"):
+            return [LoadEvalBatch(), Forward(), ComputeLoss()]  # fedlora: each client scores its own shard
+        return split_eval(role, self.topology)

@@ -36,8 +36,13 @@ class Stage(nn.Module):
         self.context = context
         self.pinned_adapter_entries = 0  # adapter entries held at zero (lora.fused_qkv)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor,
+                score_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`score_index`: flat (batch x time) positions the head projects (see
+        models.base.scored_positions); None: every position, logits [B, T, V]."""
         ctx = self.context(attention_mask, self.compute_dtype)
+        if score_index is not None:
+            ctx["score_index"] = score_index
         for layer in self.layers.values():
             x = layer(x, ctx)
         return x

@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         if args.world_size:
-            sizes = {"centralized": 1, "fedlora": cfg.federation.clients}
-            print(sizes.get(cfg.mode, cfg.federation.clients + cfg.split.server_stages))
+            print(cfg.world_size)
             return 0
         from .prepare import prepare
         from .trainer import train  # DeepSpeed and transformers load only for real runs

@@ -23,7 +23,7 @@ from .engine import Observer, StageRunner
 from .errors import ConfigError
 from .logging import MetricsWriter, Progress
 from .prepare import Prepared
-from .schedule import is_eval_step
+from .run_summary import RunSummary
 from .stage import build_stage, save_adapters
 from .topology import SingleRankMPU, Topology, init_distributed, make_groups, select_device, share_cpu_threads
 
@@ -43,8 +43,14 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
 
     stage = build_stage(prep.family, prep.hf_config, prep.stage_plan, cfg.lora, cfg.train.seed,
                         cfg.model.pretrained).to(device)
-    micro = cfg.train.batch_size * (topology.clients if (role.is_server or role.kind == "centralized") else 1)
-    ds_cfg = role_ds_config(prep.ds_config, micro, prep.max_steps)
+    schedule = prep.schedule
+    # The server batches every client's activations, except in sequential mode (one at a time).
+    serves_all = role.kind == "centralized" or (role.is_server and cfg.mode != "sequential")
+    micro = cfg.train.batch_size * (topology.clients if serves_all else 1)
+    # LR schedules span the optimizer steps this role takes: a sequential server steps for every
+    # client's turn, each client only for its own.
+    optimizer_steps = schedule.steps if role.is_server else prep.max_steps
+    ds_cfg = role_ds_config(prep.ds_config, micro, optimizer_steps)
     engine, *_ = deepspeed.initialize(model=stage, model_parameters=list(stage.adapter_parameters().values()),
                                       config=ds_cfg, mpu=SingleRankMPU(groups.own, prep.rank))
 
@@ -55,8 +61,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
 
     wire = _DTYPES[cfg.split.wire_dtype] if cfg.split.wire_dtype else None
     p2p = P2P(device, wire, staging)
-    runner = StageRunner(role, topology, stage, engine, p2p, groups, cfg.federation.aggregate_every,
-                         prep.batches, weight, observers, cfg.train.label_smoothing, prep.max_steps)
+    runner = StageRunner(role, schedule, stage, engine, p2p, groups, prep.batches, weight, observers,
+                         cfg.train.label_smoothing)
     start = _restore(prep, stage, engine, p2p) if prep.resume else 0
     main = (role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)
             or (cfg.mode == "fedlora" and prep.rank == 0))
@@ -73,23 +79,31 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
         writer.scalars(0, {f"client{c}/samples": prep.num_samples, f"client{c}/fedavg_weight": weight})
         writer.text(f"client{c}/label_histogram", str(prep.data_plan.histograms[c]))
 
-    max_steps = prep.max_steps
+    max_steps = schedule.steps
+    summary = RunSummary(role.name, cfg.mode, params=stage.parameter_counts()[0],
+                         trainable_params=stage.parameter_counts()[1])
     progress = Progress(max_steps, start, enabled=main or cfg.log.all_ranks, bar=main,
                         prefix=f" {role.name}:" if cfg.log.all_ranks else "")
     for step in range(start, max_steps):
-        stats = runner.train_step(step)
-        values = {"time/step_s": stats.seconds, "train/lr": stats.lr,
+        stats = summary.count_flops(lambda: runner.train_step(step))
+        summary.add_step(stats.seconds, stats.compute_seconds, stats.tokens if stats.loss is not None else 0,
+                         stats.positions)
+        values = {"time/step_s": stats.seconds, "time/compute_s": stats.compute_seconds, "train/lr": stats.lr,
                   "comm/bytes_sent": p2p.bytes_sent, "comm/bytes_received": p2p.bytes_received}
+        if role.is_client:
+            values["comm/adapter_bytes_sent"] = p2p.adapter_bytes_sent
         if stats.loss is not None:
             values.update({"train/loss": stats.loss, "train/tokens": stats.tokens,
                            "train/tokens_per_s": stats.tokens / max(stats.seconds, 1e-9)})
             for c, (loss, tokens) in enumerate(zip(stats.client_loss, stats.client_tokens)):
-                values[f"client{c}/loss"] = loss
-                values[f"client{c}/tokens"] = tokens
+                if tokens:  # a sequential server serves one client per step
+                    values[f"client{c}/loss"] = loss
+                    values[f"client{c}/tokens"] = tokens
         progress.update(step, stats, print_line=step % cfg.log.print_every == 0 or step == max_steps - 1)
-        if prep.num_eval_batches and is_eval_step(step, cfg.eval.every, max_steps):
-            result = runner.evaluate(prep.eval_batches, prep.num_eval_batches)
+        if prep.num_eval_batches and schedule.is_eval_step(step, cfg.eval.every):
+            result = runner.evaluate(prep.eval_batches, prep.num_eval_batches, step)
             if result is not None:
+                summary.eval_seconds += result.seconds
                 ppl = math.exp(min(result.loss, 50.0))
                 values.update({"eval/loss": result.loss, "eval/ppl": ppl, "eval/tokens": result.tokens})
                 for c, loss in enumerate(result.client_loss):
@@ -97,11 +111,15 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
                 progress.write(f"[splitlora_ds] eval after step {step + 1}: loss {result.loss:.4f}  ppl {ppl:.2f}  "
                                f"({result.tokens} tokens, {result.seconds:.1f} s)")
         writer.scalars(step, values)
-        if cfg.checkpoint.dir and (step == max_steps - 1 or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)):
+        every = schedule.every(cfg.checkpoint.every)
+        if cfg.checkpoint.dir and (step == max_steps - 1 or (every and (step + 1) % every == 0)):
             path = _save_checkpoint(prep, step + 1, stage, engine, p2p, sample_counts)
             progress.write(f"[splitlora_ds] checkpoint: {path}")
     progress.close()
     writer.close()
+    summary.bytes_sent, summary.bytes_received = p2p.bytes_sent, p2p.bytes_received
+    summary.finish(device)
+    summary.write(writer.path)
     if cfg.train.output_dir:
         path = save_adapters(stage, cfg.train.output_dir, role.name)
         if main:
@@ -132,7 +150,7 @@ def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, s
     directory = ckpt.step_dir(cfg.checkpoint.dir, steps_done)
     scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else {}
     state = {"optimizer": engine.optimizer.state_dict(), "scheduler": scheduler, "rng": ckpt.rng_state(),
-             "data": [s.state_dict() for s in prep.streams], "bytes": [p2p.bytes_sent, p2p.bytes_received]}
+             "data": [s.state_dict() for s in prep.streams], "bytes": [p2p.bytes_sent, p2p.bytes_received, p2p.adapter_bytes_sent]}
     ckpt.save_rank(directory, prep.role.name, stage.adapter_parameters(), state)
     dist.barrier()  # every rank's files are in place before the checkpoint is marked complete
     if prep.rank == 0:
@@ -166,7 +184,7 @@ def _restore(prep: Prepared, stage, engine, p2p: P2P) -> int:
             group["lr"] = lr
     for stream, state in zip(prep.streams, loaded.state["data"]):
         stream.load_state_dict(state)
-    p2p.bytes_sent, p2p.bytes_received = loaded.state["bytes"]
+    p2p.bytes_sent, p2p.bytes_received, p2p.adapter_bytes_sent = loaded.state["bytes"]
     ckpt.set_rng_state(loaded.state["rng"])
     engine.global_steps = loaded.step
     return loaded.step
@@ -174,6 +192,10 @@ def _restore(prep: Prepared, stage, engine, p2p: P2P) -> int:
 
 def _announce(prep: Prepared) -> None:
     cfg = prep.cfg
+    if cfg.mode == "sequential":
+        print(f"[splitlora_ds] mode=sequential (vanilla split learning): {prep.topology.clients} clients take "
+              f"turns of {cfg.federation.aggregate_every} step(s), each starting from the previous client's "
+              f"adapters; {prep.schedule.steps} steps ({prep.max_steps} per client)", flush=True)
     if cfg.mode == "fedlora":
         print(f"[splitlora_ds] mode=fedlora: {prep.topology.clients} clients, each with the whole model "
               f"({prep.stage_plan.describe()}), FedAvg every {cfg.federation.aggregate_every} step(s)", flush=True)
@@ -181,9 +203,10 @@ def _announce(prep: Prepared) -> None:
     if prep.plan is None:
         print(f"[splitlora_ds] mode=centralized: {prep.stage_plan.describe()}", flush=True)
         return
-    print(f"[splitlora_ds] mode=split: {prep.topology.clients} clients + {prep.topology.server_stages} "
-          f"server stage(s), {prep.plan.num_blocks} blocks, FedAvg every {cfg.federation.aggregate_every} "
-          f"step(s)", flush=True)
+    if cfg.mode == "split":
+        print(f"[splitlora_ds] mode=split: {prep.topology.clients} clients + {prep.topology.server_stages} "
+              f"server stage(s), {prep.plan.num_blocks} blocks, FedAvg every {cfg.federation.aggregate_every} "
+              f"step(s)", flush=True)
     for rank, sp in enumerate(prep.plan.all_stages()):
         print(f"[splitlora_ds]   rank {rank} {sp.name}: {sp.describe()}", flush=True)
     for line in prep.data_plan.describe().splitlines():

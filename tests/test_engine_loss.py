@@ -1,16 +1,18 @@
 """The last stage's loss: mean token cross-entropy over every client's target tokens."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from splitlora_ds.comm import P2P
 from splitlora_ds.engine import StageRunner, StepStats
+from splitlora_ds.schedule import Schedule
 from splitlora_ds.topology import Role, Topology
 
 
 def runner(smoothing):
-    r = StageRunner(Role("centralized", 0, 0), Topology(2, 1), stage=None, engine=None, p2p=P2P(torch.device("cpu")),
-                    groups=None, aggregate_every=1, label_smoothing=smoothing)
+    r = StageRunner(Role("centralized", 0, 0), Schedule("centralized", Topology(2, 1), 1, 4), stage=None, engine=None,
+                    p2p=P2P(torch.device("cpu")), groups=None, label_smoothing=smoothing)
     r.stats = StepStats(0)
     return r
 
@@ -47,3 +49,18 @@ def test_label_smoothing_applies_to_training_only():
     r._compute_loss(None)
     plain = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(r.loss, plain)
+
+
+def test_logits_of_target_positions_only_give_the_same_figures():
+    """The last stage projects only positions with a target (engine._forward): same loss."""
+    logits, labels = batch()
+    full, part = runner(0.1), runner(0.1)
+    full.output, full.labels, full.sizes = logits, labels, torch.tensor([2, 1])
+    has_target = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+    part.output, part.labels, part.sizes = logits.flatten(0, 1)[has_target.flatten()], labels, torch.tensor([2, 1])
+    full._compute_loss(None)
+    part._compute_loss(None)
+    assert part.output.shape == (8, 11)
+    assert part.stats.loss == pytest.approx(full.stats.loss, abs=1e-6)
+    assert part.stats.client_loss == pytest.approx(full.stats.client_loss, abs=1e-6)
+    assert part.stats.client_tokens == full.stats.client_tokens == [5, 3]

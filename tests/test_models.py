@@ -340,3 +340,16 @@ def test_pytorch_bin_fallback(tmp_path):
     head = build_layer(spec, 0)
     load_layer_weights(head, spec, str(tmp_path))
     assert torch.equal(head.lm_head.weight, hf.lm_head.weight)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_head_projects_only_the_scored_positions(family):
+    ids, mask = batch()
+    config = tiny_config(family)
+    layers = [build_layer(s, 7) for s in get_family(family).layer_specs(config)]
+    index = mask.flatten().nonzero().squeeze(1)  # the real tokens, flat over batch x time
+    with torch.no_grad():
+        full = run_layers(family, config, layers, ids, mask)
+        scored = run_layers(family, config, layers, ids, mask, {"score_index": index})
+    assert scored.shape == (int(mask.sum()), full.shape[-1])
+    torch.testing.assert_close(scored, full.flatten(0, 1)[index], rtol=0, atol=1e-5)

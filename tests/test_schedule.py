@@ -34,7 +34,14 @@ def test_server_first_stage_batches_all_clients_and_last_stage_computes_loss():
 def test_sends_and_receives_pair_up():
     """Every SendX(dst) on rank r has a matching RecvX with src r on rank dst."""
     topo = Topology(clients=3, server_stages=3)
-    lists = {r: S.step_instructions(topo.role_of(r), topo, 0, 1) for r in range(topo.world_size)}
+    for mode in ("split", "sequential"):
+        schedule = S.Schedule(mode, topo, aggregate_every=2, max_steps=3)
+        for step in range(schedule.steps):
+            lists = {r: schedule.train(topo.role_of(r), step) for r in range(topo.world_size)}
+            _assert_paired(lists)
+
+
+def _assert_paired(lists: dict[int, list]) -> None:
     for r, ins in lists.items():
         for i in ins:
             if isinstance(i, S.SendActivations):
@@ -42,6 +49,10 @@ def test_sends_and_receives_pair_up():
             if isinstance(i, S.SendGrads):
                 for dst in i.dsts:
                     assert S.RecvGrads(r) in lists[dst]
+            if isinstance(i, S.SendAdapters):
+                assert S.RecvAdapters(r) in lists[i.dst]
+            if isinstance(i, S.RecvAdapters):
+                assert S.SendAdapters(r) in lists[i.src]
 
 
 def test_role_names():
@@ -51,9 +62,44 @@ def test_role_names():
 
 def test_fedlora_clients_run_the_whole_model_locally():
     topo = Topology(clients=2, server_stages=0)
-    steps = [S.step_instructions(topo.role_of(0), topo, s, 2, max_steps=3) for s in range(3)]
+    schedule = S.Schedule("fedlora", topo, aggregate_every=2, max_steps=3)
+    steps = [schedule.train(topo.role_of(0), s) for s in range(3)]
     local = [S.LoadBatch(), S.Forward(), S.ComputeLoss(), S.Backward(), S.OptimizerStep(), S.ReduceLossStats()]
     assert steps[0] == local
     assert steps[1] == steps[2] == local + [S.AverageAdapters()]  # every 2nd step, and the last
     assert not any(isinstance(i, (S.SendActivations, S.RecvGrads)) for i in sum(steps, []))
-    assert S.eval_instructions(topo.role_of(1), topo) == [S.LoadEvalBatch(), S.Forward(), S.ComputeLoss()]
+    assert schedule.eval(topo.role_of(1)) == [S.LoadEvalBatch(), S.Forward(), S.ComputeLoss()]
+
+
+def test_sequential_clients_take_turns_and_hand_over_their_adapters():
+    topo = Topology(clients=3, server_stages=1)
+    schedule = S.Schedule("sequential", topo, aggregate_every=2, max_steps=3)
+    assert schedule.steps == 9  # every client trains max_steps steps, one client per step
+    # Turns of 2 local steps; max_steps=3 is not a multiple of 2, so the last round's turns are 1.
+    assert [schedule.active_client(s) for s in range(9)] == [0, 0, 1, 1, 2, 2, 0, 1, 2]
+    trains = {c: [s for s in range(9) if S.Forward() in schedule.train(topo.role_of(c), s)] for c in range(3)}
+    assert {c: len(v) for c, v in trains.items()} == {0: 3, 1: 3, 2: 3}
+    # The server serves only the active client, and the next client starts from its adapters.
+    assert schedule.train(topo.role_of(3), 2)[0] == S.RecvActivations((1,))
+    assert schedule.train(topo.role_of(0), 1)[-2:] == [S.SendAdapters(1), S.TurnBarrier()]
+    assert schedule.train(topo.role_of(1), 1) == [S.RecvAdapters(0), S.TurnBarrier()]
+    assert schedule.train(topo.role_of(2), 1) == [S.TurnBarrier()]
+    assert schedule.train(topo.role_of(2), 5)[-2:] == [S.SendAdapters(0), S.TurnBarrier()]  # the round wraps
+    # No FedAvg in vanilla split learning; the run ends with the last client's model everywhere.
+    every = [i for s in range(9) for c in range(3) for i in schedule.train(topo.role_of(c), s)]
+    assert S.AverageAdapters() not in every
+    assert all(S.ShareAdapters(2) in schedule.train(topo.role_of(c), 8) for c in range(3))
+    # Evaluation: clients first take the model of the client that trained last (not after the
+    # last step, which already shared it); counts per client are scaled to sequential steps.
+    assert schedule.before_eval(topo.role_of(1), 3) == [S.ShareAdapters(1)]
+    assert schedule.before_eval(topo.role_of(1), 8) == [] and schedule.before_eval(topo.role_of(3), 3) == []
+    assert [s for s in range(9) if schedule.is_eval_step(s, eval_every=1)] == [2, 5, 8]
+
+
+def test_sequential_with_one_client_is_the_split_step():
+    topo = Topology(clients=1, server_stages=2)
+    seq, split = S.Schedule("sequential", topo, 3, 4), S.Schedule("split", topo, 3, 4)
+    assert seq.steps == split.steps == 4
+    for step in range(4):
+        for r in range(3):
+            assert seq.train(topo.role_of(r), step) == split.train(topo.role_of(r), step)

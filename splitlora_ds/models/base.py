@@ -160,6 +160,15 @@ def causal_context(attention_mask: torch.Tensor, dtype: torch.dtype) -> dict[str
     return {"position_ids": position_ids, "attention_mask": additive}
 
 
+def scored_positions(x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    """The hidden states the head should project: all of them, or, when the context names the
+    positions that have a target (`score_index`, flat over batch x time), only those [N, H].
+    The vocabulary projection dominates a small model's cost, and prompt and padding positions
+    have nothing to score."""
+    index = ctx.get("score_index")
+    return x if index is None else x.flatten(0, 1).index_select(0, index)
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

@@ -10,7 +10,7 @@ from transformers import GPT2Config, PretrainedConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from . import fused_qkv
-from .base import LayerSpec, ModelFamily, c_proj_std, causal_context, construct, hf_init_, init_vocab_matrix
+from .base import LayerSpec, ModelFamily, c_proj_std, causal_context, construct, hf_init_, init_vocab_matrix, scored_positions
 
 # Checkpoints saved from GPT2LMHeadModel prefix keys with "transformer."; the original OpenAI
 # "gpt2" checkpoint was saved from GPT2Model and has no prefix.
@@ -46,7 +46,7 @@ class GPT2Head(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(scored_positions(x, ctx)))
 
 
 class GPT2Context(nn.Module):

@@ -7,7 +7,7 @@ from torch import nn
 from transformers import LlamaConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from .base import LayerSpec, ModelFamily, causal_context, construct, hf_init_, init_vocab_matrix
+from .base import LayerSpec, ModelFamily, causal_context, construct, hf_init_, init_vocab_matrix, scored_positions
 
 
 class LlamaEmbed(nn.Module):
@@ -42,7 +42,7 @@ class LlamaHead(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(scored_positions(x, ctx)))
 
 
 class LlamaContext(nn.Module):

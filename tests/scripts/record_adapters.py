@@ -1,5 +1,5 @@
 """Runs splitlora_ds.train and records each client's adapters after every optimizer step and
-every averaging (tests/test_federation.py reads them)."""
+every averaging or hand-over (tests/test_federation.py, tests/test_sequential.py read them)."""
 
 import sys
 
@@ -19,7 +19,8 @@ snapshots = {}
 
 
 def record(step, instruction, runner):
-    tag = {S.OptimizerStep: "opt", S.AverageAdapters: "avg"}.get(type(instruction))
+    tag = {S.OptimizerStep: "opt", S.AverageAdapters: "avg", S.SendAdapters: "sent",
+           S.RecvAdapters: "recv"}.get(type(instruction))
     if runner.role.is_client and tag:
         for name, p in runner.stage.adapter_parameters().items():
             snapshots[f"{step}/{tag}/{name}"] = p.detach().clone()

@@ -1,0 +1,190 @@
+"""Running one mode of a recipe for the benchmark, and reading back what it measured.
+
+Each mode runs as its own job (the `deepspeed` launcher where it needs several ranks, plain
+python for `centralized`) with its TensorBoard logs under the benchmark's output folder; the
+figures come from those logs and from every rank's `summary.json` (see run_summary.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..config import RunConfig
+from ..logging import read_scalars
+from ..run_summary import read_summary
+from .latency import RoundWork
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main_role(cfg: RunConfig) -> str:
+    """The rank that logs the job-wide loss."""
+    if cfg.mode == "centralized":
+        return "centralized"
+    if cfg.mode == "fedlora":
+        return "client0"
+    return f"server{cfg.split.server_stages - 1}"
+
+
+def roles(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """(client roles, server roles) of a run; the centralized process counts as the server."""
+    clients = [f"client{c}" for c in range(cfg.federation.clients)]
+    if cfg.mode == "centralized":
+        return [], ["centralized"]
+    if cfg.mode == "fedlora":
+        return clients, []
+    return clients, [f"server{s}" for s in range(cfg.split.server_stages)]
+
+
+def command(cfg: RunConfig, recipe: str, overrides: list[str], launcher_args: list[str]) -> list[str]:
+    sets = [a for o in overrides for a in ("--set", o)]
+    train = ["--recipe", recipe, *sets]
+    if cfg.mode == "centralized":
+        return [sys.executable, "-m", "splitlora_ds.train", *train]
+    deepspeed = shutil.which("deepspeed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if deepspeed is None:
+        raise FileNotFoundError("the `deepspeed` launcher is not on PATH (pip install deepspeed)")
+    port = [] if "--master_port" in launcher_args else ["--master_port", str(free_port())]
+    return [deepspeed, "--num_gpus", str(cfg.world_size), *port, *launcher_args,
+            "--module", "splitlora_ds.train", *train]
+
+
+@dataclass
+class ModeRun:
+    mode: str
+    log_dir: str
+    command: list[str]
+    returncode: int = 0
+    wall_seconds: float = 0.0
+    log_file: str = ""
+
+
+def run_mode(cfg: RunConfig, recipe: str, overrides: list[str], out_dir: Path, threads: int,
+             launcher_args: list[str], timeout: Optional[float] = None) -> ModeRun:
+    """Run one mode to completion; its console goes to out_dir/<mode>/log.txt."""
+    mode_dir = out_dir / cfg.mode
+    log_dir = mode_dir / "tb"
+    if log_dir.exists():
+        shutil.rmtree(log_dir)  # a rerun must not mix its curves with an earlier run's
+    mode_dir.mkdir(parents=True, exist_ok=True)
+    sets = [*overrides, f"mode={cfg.mode}", f"log.dir={log_dir}", "checkpoint.dir=null",
+            "checkpoint.every=0", "train.output_dir=null"]
+    cmd = command(cfg, recipe, sets, launcher_args)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    log_file = mode_dir / "log.txt"
+    t0 = time.perf_counter()
+    with open(log_file, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    return ModeRun(cfg.mode, str(log_dir), cmd, proc.returncode, time.perf_counter() - t0, str(log_file))
+
+
+@dataclass
+class ModeResult:
+    """What the benchmark reports for one mode (see README, 'Benchmark')."""
+
+    mode: str
+    clients: int
+    steps_per_round: int  # sequential: one client per step, so C steps make a round
+    wall_seconds: float  # the whole job: start-up, training, evaluation
+    train_seconds: float  # the main rank's step times summed (what time-to-target counts)
+    step_seconds: float
+    tokens_per_s: float
+    curve: list[dict] = field(default_factory=list)  # eval points: step, round, seconds, bytes, loss
+    final_loss: Optional[float] = None
+    final_ppl: Optional[float] = None
+    client: Optional[dict] = None  # per client (mean over clients)
+    server: Optional[dict] = None  # all server stages together (the centralized process)
+    round_work: Optional[RoundWork] = None
+    time_to_target_s: Optional[float] = None
+    rounds_to_target: Optional[float] = None
+    simulated: Optional[dict] = None
+
+
+def collect(cfg: RunConfig, run: ModeRun) -> ModeResult:
+    clients, servers = roles(cfg)
+    main = os.path.join(run.log_dir, main_role(cfg))
+    summaries = {r: read_summary(os.path.join(run.log_dir, r)) for r in clients + servers}
+    main_summary = summaries[main_role(cfg)]
+    per_round = cfg.federation.clients if cfg.mode == "sequential" else 1
+
+    step_times = read_scalars(main, "time/step_s")
+    elapsed, cumulative = 0.0, {}
+    for step, seconds in step_times:
+        elapsed += seconds
+        cumulative[step] = elapsed
+    traffic: dict[int, float] = {}
+    for r in clients:
+        d = os.path.join(run.log_dir, r)
+        for tag in ("comm/bytes_sent", "comm/bytes_received"):
+            for step, value in read_scalars(d, tag):
+                traffic[step] = traffic.get(step, 0.0) + value
+    curve = [{"step": step + 1, "round": (step + 1) / per_round, "seconds": cumulative[step],
+              "bytes": traffic.get(step, 0.0), "loss": loss}
+             for step, loss in read_scalars(main, "eval/loss")]
+
+    result = ModeResult(cfg.mode, cfg.federation.clients, per_round, run.wall_seconds,
+                        main_summary["train_seconds"], main_summary["train_seconds"] / max(main_summary["steps"], 1),
+                        main_summary["tokens"] / max(main_summary["train_seconds"], 1e-9), curve)
+    if curve:
+        result.final_loss = curve[-1]["loss"]
+        result.final_ppl = math.exp(min(result.final_loss, 50.0))
+    if clients:
+        result.client = _client_figures([summaries[r] for r in clients])
+    if servers:
+        result.server = _server_figures([summaries[r] for r in servers], per_round)
+    result.round_work = _round_work(cfg, result)
+    return result
+
+
+def _client_figures(summaries: list[dict]) -> dict:
+    n = len(summaries)
+
+    def mean(key: str, per_active_step: bool = False) -> float:
+        return sum(s[key] / (max(s["active_steps"], 1) if per_active_step else 1) for s in summaries) / n
+
+    return {"params": summaries[0]["params"], "trainable_params": summaries[0]["trainable_params"],
+            "flops_per_step": mean("flops_per_step"),
+            "bytes_sent_per_step": mean("bytes_sent", True), "bytes_received_per_step": mean("bytes_received", True),
+            "peak_rss_bytes": max(s["peak_rss_bytes"] for s in summaries),
+            "cuda_max_allocated_bytes": max(s["cuda_max_allocated_bytes"] for s in summaries)}
+
+
+def _server_figures(summaries: list[dict], steps_per_round: int) -> dict:
+    tokens = sum(s["tokens"] for s in summaries)
+    compute = sum(s["compute_seconds"] for s in summaries)
+    return {"params": sum(s["params"] for s in summaries),
+            "trainable_params": sum(s["trainable_params"] for s in summaries),
+            "flops_per_step": sum(s["flops_per_step"] for s in summaries),
+            "flops_per_round": sum(s["flops_per_step"] for s in summaries) * steps_per_round,
+            # Tokens per second of the server's own compute (forward, loss, backward, optimizer),
+            # waiting on clients excluded: how well it uses batching.
+            "compute_tokens_per_s": tokens / compute if compute else 0.0,
+            "positions": summaries[0]["positions"],  # padded positions the first stage ran
+            "tokens": tokens,
+            "peak_rss_bytes": max(s["peak_rss_bytes"] for s in summaries),
+            "cuda_max_allocated_bytes": max(s["cuda_max_allocated_bytes"] for s in summaries)}
+
+
+def _round_work(cfg: RunConfig, r: ModeResult) -> RoundWork:
+    every = cfg.federation.aggregate_every
+    # One-way messages per client per round: activations up and gradients down each step, plus
+    # the adapters up and down at every averaging (split, fedlora) or hand-over (sequential).
+    messages = {"split": 2 + 2 / every, "sequential": 2 + 1 / every, "fedlora": 2 / every}.get(cfg.mode, 0.0)
+    client, server = r.client or {}, r.server or {}
+    memory = client.get("cuda_max_allocated_bytes") or client.get("peak_rss_bytes", 0)
+    return RoundWork(cfg.mode, cfg.federation.clients, client.get("flops_per_step", 0.0),
+                     server.get("flops_per_round", 0.0), client.get("bytes_sent_per_step", 0.0),
+                     client.get("bytes_received_per_step", 0.0), messages, memory)

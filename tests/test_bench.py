@@ -1,0 +1,71 @@
+"""The benchmark: every mode of one recipe, its table, JSON and plots (on a tiny recipe)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from _launch import ROOT, rank_env, write_recipe
+from splitlora_ds.bench.__main__ import main
+from splitlora_ds.bench.report import time_to_target
+from splitlora_ds.bench.runs import ModeResult
+
+
+@pytest.mark.launcher
+def test_bench_runs_every_mode_and_writes_its_outputs(tmp_path):
+    recipe = write_recipe(tmp_path, federation={"clients": 2, "aggregate_every": 2},
+                          data={"num_samples": 48, "validation_fraction": 0.25}, eval={"every": 2},
+                          train={"max_steps": 4, "batch_size": 2})
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "splitlora_ds.bench", "--recipe", str(recipe), "--out", str(out),
+                           "--devices", str(ROOT / "devices" / "edge-mix.yaml"), "--threads", "1"],
+                          cwd=ROOT, env=rank_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    modes = {m["mode"]: m for m in results["modes"]}
+    assert list(modes) == ["centralized", "split", "fedlora", "sequential"]
+    assert results["target_loss"] == pytest.approx(modes["centralized"]["final_loss"] * 1.02)
+
+    for m in modes.values():  # evaluation at the same amount of data in every mode: rounds 2 and 4
+        assert [p["round"] for p in m["curve"]] == [2, 4]
+        assert m["final_loss"] > 0 and m["step_seconds"] > 0 and m["tokens_per_s"] > 0
+        assert m["simulated"]["round_s"] > 0
+    assert [p["step"] for p in modes["sequential"]["curve"]] == [4, 8]  # 2 clients, one per step
+
+    whole = modes["centralized"]["server"]["trainable_params"]
+    split, fed = modes["split"], modes["fedlora"]
+    assert split["client"]["trainable_params"] + split["server"]["trainable_params"] == whole
+    assert fed["client"]["trainable_params"] == whole and fed["server"] is None
+    # fedlora moves only adapters: one upload per averaging (steps 2 and 4 of 4), fp32.
+    assert fed["client"]["bytes_sent_per_step"] == pytest.approx(whole * 4 * 2 / 4)
+    assert all(p["bytes"] == 0 for p in modes["centralized"]["curve"])
+    assert split["client"]["bytes_sent_per_step"] > fed["client"]["bytes_sent_per_step"]  # activations every step
+    # Measured FLOPs: the split client + server do the centralized model's work (up to padding).
+    both = split["client"]["flops_per_step"] * 2 + split["server"]["flops_per_step"]
+    assert 0.7 < both / modes["centralized"]["server"]["flops_per_step"] < 1.3
+    assert split["client"]["flops_per_step"] < fed["client"]["flops_per_step"]
+
+    table = (out / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in modes) and "sim. to target" in table
+    for png in ("loss_vs_time.png", "loss_vs_bytes.png", "loss_vs_simulated_time.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_needs_validation_data(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    assert main(["--recipe", str(recipe), "--out", str(tmp_path / "b")]) == 2
+    assert "set data.validation or data.validation_fraction" in capsys.readouterr().err
+    assert main(["--recipe", str(recipe), "--out", str(tmp_path / "b"), "--modes", "split,pipeline"]) == 2
+    assert "unknown mode(s) ['pipeline']" in capsys.readouterr().err
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_below_it():
+    r = ModeResult("split", 2, 1, 0, 0, 0, 0, curve=[
+        {"step": 2, "round": 2, "seconds": 1.5, "bytes": 0, "loss": 3.0},
+        {"step": 4, "round": 4, "seconds": 3.0, "bytes": 0, "loss": 2.0},
+        {"step": 6, "round": 6, "seconds": 4.5, "bytes": 0, "loss": 1.9}])
+    time_to_target(r, 2.0)
+    assert (r.time_to_target_s, r.rounds_to_target) == (3.0, 4)
+    time_to_target(r, 1.0)
+    assert r.time_to_target_s is None and r.rounds_to_target is None
