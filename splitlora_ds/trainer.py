@@ -80,8 +80,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
         writer.text(f"client{c}/label_histogram", str(prep.data_plan.histograms[c]))
 
     max_steps = schedule.steps
-    summary = RunSummary(role.name, cfg.mode, params=stage.parameter_counts()[0],
-                         trainable_params=stage.parameter_counts()[1])
+    params, trainable = stage.parameter_counts()
+    summary = RunSummary(role.name, cfg.mode, params=params, trainable_params=trainable)
     progress = Progress(max_steps, start, enabled=main or cfg.log.all_ranks, bar=main,
                         prefix=f" {role.name}:" if cfg.log.all_ranks else "")
     for step in range(start, max_steps):

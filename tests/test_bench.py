@@ -69,3 +69,11 @@ def test_time_to_target_is_the_first_evaluation_at_or_below_it():
     assert (r.time_to_target_s, r.rounds_to_target) == (3.0, 4)
     time_to_target(r, 1.0)
     assert r.time_to_target_s is None and r.rounds_to_target is None
+
+
+def test_a_mode_that_runs_past_the_timeout_is_reported_not_raised(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, data={"num_samples": 48, "validation_fraction": 0.25})
+    out = tmp_path / "b"
+    assert main(["--recipe", str(recipe), "--out", str(out), "--modes", "centralized", "--timeout", "0.5"]) == 1
+    assert "centralized failed (exit 124)" in capsys.readouterr().err
+    assert "ran past --timeout 0.5 s" in (out / "centralized" / "log.txt").read_text()

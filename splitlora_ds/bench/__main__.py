@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{run.wall_seconds:.0f} s wall", flush=True)
         results.append(result)
     if not results:
+        print(f"[bench] every mode failed; nothing to compare (logs under {out})", file=sys.stderr)
         return 1
 
     if args.target_loss is not None:

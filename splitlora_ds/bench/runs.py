@@ -74,7 +74,9 @@ class ModeRun:
 
 def run_mode(cfg: RunConfig, recipe: str, overrides: list[str], out_dir: Path, threads: int,
              launcher_args: list[str], timeout: Optional[float] = None) -> ModeRun:
-    """Run one mode to completion; its console goes to out_dir/<mode>/log.txt."""
+    """Run one mode to completion; its console goes to out_dir/<mode>/log.txt. A launch that
+    cannot start or runs past `timeout` comes back as a failed run (returncode != 0), never as
+    an exception, so the other modes still run."""
     mode_dir = out_dir / cfg.mode
     log_dir = mode_dir / "tb"
     if log_dir.exists():
@@ -82,13 +84,20 @@ def run_mode(cfg: RunConfig, recipe: str, overrides: list[str], out_dir: Path, t
     mode_dir.mkdir(parents=True, exist_ok=True)
     sets = [*overrides, f"mode={cfg.mode}", f"log.dir={log_dir}", "checkpoint.dir=null",
             "checkpoint.every=0", "train.output_dir=null"]
-    cmd = command(cfg, recipe, sets, launcher_args)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     log_file = mode_dir / "log.txt"
     t0 = time.perf_counter()
     with open(log_file, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
-    return ModeRun(cfg.mode, str(log_dir), cmd, proc.returncode, time.perf_counter() - t0, str(log_file))
+        try:
+            cmd = command(cfg, recipe, sets, launcher_args)
+            returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+        except FileNotFoundError as e:
+            cmd, returncode = [], 127
+            log.write(f"splitlora_ds.bench: {e}\n")
+        except subprocess.TimeoutExpired:
+            returncode = 124  # subprocess.run has killed the launcher; its ranks time out on their own
+            log.write(f"splitlora_ds.bench: {cfg.mode} ran past --timeout {timeout} s\n")
+    return ModeRun(cfg.mode, str(log_dir), cmd, returncode, time.perf_counter() - t0, str(log_file))
 
 
 @dataclass

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..config import load_config
+from ..errors import ConfigError
 from ..logging import read_scalars
 from .runs import ModeResult, collect, main_role, run_mode
 
@@ -49,6 +50,14 @@ def _run(args, name: str, mode: str, extra: list[str]) -> tuple[ModeResult, list
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return _measure(args)
+    except (RuntimeError, ConfigError) as e:
+        print(f"splitlora_ds.bench.targets: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _measure(args: argparse.Namespace) -> int:
     steps = f"train.max_steps={args.steps}"
     quiet = ["eval.every=0", "log.print_every=1000"]
     out = Path(args.out)
