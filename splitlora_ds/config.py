@@ -19,6 +19,7 @@ import yaml
 from .errors import ConfigError
 
 MODES = ("split", "centralized", "fedlora", "sequential")
+AGGREGATIONS = ("auto", "fedavg", "stacked", "zero_pad")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -41,36 +42,64 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = 8
+    rank: Union[int, list[int]] = 8  # one r for everyone, or one per client (heterogeneous clients)
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: Optional[list[str]] = None  # None: the model family's default
     # GPT-2's c_attn is one fused q|k|v projection; this lists the slices its LoRA update may
     # change (the LoRA paper adapts [q, v]). None: all three.
     fused_qkv: Optional[list[str]] = None
+    # Rank of the server stages' adapters. None: lora.rank, or the largest per-client rank.
+    server_rank: Optional[int] = None
+    # Per-module ranks, as peft's LoraConfig.rank_pattern: {module name regex: rank}; modules it
+    # does not match keep the role's rank.
+    rank_pattern: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if self.fused_qkv is not None:
             _require(len(self.fused_qkv) > 0 and set(self.fused_qkv) <= {"q", "k", "v"}
                      and len(set(self.fused_qkv)) == len(self.fused_qkv),
                      "lora.fused_qkv", self.fused_qkv, "list some of q, k, v (each once), or null for all")
-        _require(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
+        ranks = self.rank if isinstance(self.rank, list) else [self.rank]
+        _require(len(ranks) > 0 and all(r >= 1 for r in ranks), "lora.rank", self.rank,
+                 "must be >= 1 (or a list of ranks >= 1, one per client)")
+        _require(self.server_rank is None or self.server_rank >= 1, "lora.server_rank", self.server_rank,
+                 "must be >= 1 or null")
         _require(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
         if self.target_modules is not None:
             _require(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
                      "name at least one module, or leave it unset for the family default")
+        for pattern, r in (self.rank_pattern or {}).items():
+            _require(isinstance(pattern, str) and isinstance(r, int) and not isinstance(r, bool) and r >= 1,
+                     f"lora.rank_pattern[{pattern!r}]", r, "map module-name regexes to ranks >= 1")
+        _require(self.fused_qkv is None or (not isinstance(self.rank, list) and not self.rank_pattern),
+                 "lora.fused_qkv", self.fused_qkv, "is not supported with per-client or per-module ranks")
+
+    @property
+    def heterogeneous(self) -> bool:
+        return isinstance(self.rank, list) and len(set(self.rank)) > 1
+
+    def client_rank(self, client: int) -> int:
+        return self.rank[client] if isinstance(self.rank, list) else self.rank
+
+    def server_rank_or_default(self) -> int:
+        if self.server_rank is not None:
+            return self.server_rank
+        return max(self.rank) if isinstance(self.rank, list) else self.rank
 
 
 @dataclass
 class SplitConfig:
-    client_layers: int = 2  # k: transformer blocks on each client (after the embeddings)
+    # k: transformer blocks on each client (after the embeddings): one k, or one per client
+    client_layers: Union[int, list[int]] = 2
     server_stages: int = 1  # S: pipeline stages the server's layers are partitioned into
     partition_method: str = "uniform"  # how server blocks are spread over stages (DeepSpeed's names)
     wire_dtype: Optional[str] = None  # dtype of activations/gradients on the wire; None: as computed
 
     def __post_init__(self) -> None:
-        _require(self.client_layers >= 1, "split.client_layers", self.client_layers,
+        ks = self.client_layers if isinstance(self.client_layers, list) else [self.client_layers]
+        _require(len(ks) > 0 and all(k >= 1 for k in ks), "split.client_layers", self.client_layers,
                  "each client needs at least one transformer block")
         _require(self.server_stages >= 1, "split.server_stages", self.server_stages, "must be >= 1")
         _require(self.partition_method in ("uniform", "parameters"), "split.partition_method",
@@ -79,15 +108,45 @@ class SplitConfig:
                  self.wire_dtype, f"use one of {', '.join(WIRE_DTYPES)} or null")
 
 
+    def per_client(self, clients: int) -> list[int]:
+        return list(self.client_layers) if isinstance(self.client_layers, list) else [self.client_layers] * clients
+
+
+@dataclass
+class ClientBudget:
+    """What one client device can give: memory for the client stage (weights, adapters, optimizer
+    state, activations) and its compute relative to the other clients."""
+
+    memory_gb: Optional[float] = None
+    flops: Optional[float] = None  # relative FLOP/s (any unit, the same for every client)
+
+    def __post_init__(self) -> None:
+        _require(self.memory_gb is not None or self.flops is not None, "federation.budgets[]", self,
+                 "give memory_gb and/or flops")
+        _require(self.memory_gb is None or self.memory_gb > 0, "federation.budgets[].memory_gb",
+                 self.memory_gb, "must be > 0")
+        _require(self.flops is None or self.flops > 0, "federation.budgets[].flops", self.flops, "must be > 0")
+
+
 @dataclass
 class FederationConfig:
     clients: int = 2  # C
     aggregate_every: int = 1  # I: local steps between client-adapter averaging
+    # How adapters are combined every I steps. fedavg: average A and B (SplitLoRA; equal ranks
+    # only). stacked: the exact weighted sum of the clients' B A, refactored to each rank by SVD
+    # (HSplitLoRA). zero_pad: HetLoRA's zero-padded average (baseline). auto: fedavg when every
+    # adapter's holders share one rank, else stacked.
+    aggregation: str = "auto"
+    # Per-client device budgets: the planner picks each client's split point and rank from them
+    # (split.client_layers and lora.rank, if set as single numbers, are then the upper limits).
+    budgets: Optional[list[ClientBudget]] = None
 
     def __post_init__(self) -> None:
         _require(self.clients >= 1, "federation.clients", self.clients, "must be >= 1")
         _require(self.aggregate_every >= 1, "federation.aggregate_every", self.aggregate_every,
                  "must be >= 1")
+        _require(self.aggregation in AGGREGATIONS, "federation.aggregation", self.aggregation,
+                 f"use one of {', '.join(AGGREGATIONS)}")
 
 
 DATA_SOURCES = ("synthetic", "e2e", "instruction")
@@ -204,6 +263,27 @@ class DistConfig:
 
 
 @dataclass
+class ImportanceConfig:
+    """Per-module importance (HSplitLoRA's important-weight identification, hetero/importance.py)."""
+
+    enabled: bool = False  # score every adapted module during training (TensorBoard importance/<module>)
+    beta: float = 0.85  # EMA smoothing of the scores over steps
+    # Re-allocate each role's ranks to its most important modules (same adapter budget) when the
+    # ranking has moved this far (normalised Kendall tau distance, 0-1) from the one the current
+    # ranks came from; checked after every aggregation. None: never (the default).
+    replan_threshold: Optional[float] = None
+    max_rank_factor: int = 2  # at a re-plan a module may get up to this x the role's rank
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.beta < 1.0, "importance.beta", self.beta, "must be in [0, 1)")
+        _require(self.replan_threshold is None or 0.0 <= self.replan_threshold < 1.0, "importance.replan_threshold",
+                 self.replan_threshold, "must be in [0, 1), or null for never")
+        _require(self.replan_threshold is None or self.enabled, "importance.replan_threshold", self.replan_threshold,
+                 "re-planning needs importance.enabled: true")
+        _require(self.max_rank_factor >= 1, "importance.max_rank_factor", self.max_rank_factor, "must be >= 1")
+
+
+@dataclass
 class RunConfig:
     mode: str = "split"
     deepspeed_config: str = "ds_configs/cpu-fp32.json"
@@ -217,9 +297,31 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", self.mode, f"use one of {', '.join(MODES)}")
+        _require(self.importance.replan_threshold is None or self.mode == "split", "importance.replan_threshold",
+                 self.importance.replan_threshold, "re-planning ranks needs mode=split")
+        _require(self.importance.replan_threshold is None or self.federation.aggregation != "fedavg",
+                 "federation.aggregation", self.federation.aggregation,
+                 "re-planning gives modules different ranks; use stacked or zero_pad (auto picks stacked)")
+        c = self.federation.clients
+        per_client = (("split.client_layers", self.split.client_layers), ("lora.rank", self.lora.rank),
+                      ("federation.budgets", self.federation.budgets))
+        for name, value in per_client:
+            if isinstance(value, list):
+                _require(len(value) == c, name, value, f"give one entry per client (federation.clients={c})")
+        if self.federation.budgets is not None:
+            for name, value in per_client[:2]:
+                _require(not isinstance(value, list), name, value,
+                         "federation.budgets plans per-client values; give a single upper limit or drop the budgets")
+        hetero = (isinstance(self.split.client_layers, list) or isinstance(self.lora.rank, list)
+                  or self.federation.budgets is not None)
+        _require(not hetero or self.mode == "split", "mode", self.mode,
+                 "per-client split points, ranks and budgets need mode=split")
+        _require(self.federation.aggregation in ("auto", "fedavg") or self.mode == "split", "federation.aggregation",
+                 self.federation.aggregation, "stacked and zero_pad aggregate split clients (mode=split)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -312,6 +414,13 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
 def _convert(value: Any, tp: Any, name: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -321,7 +430,15 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], name)
+        if len(inner) == 1:
+            return _convert(value, inner[0], name)
+        # int | list[int]: a list goes to the list type, anything else to the first that takes it
+        for a in sorted(inner, key=lambda a: typing.get_origin(a) is not list or not isinstance(value, list)):
+            try:
+                return _convert(value, a, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: expected {' or '.join(_type_name(a) for a in inner)}, got {value!r}")
     if origin is list:
         if isinstance(value, str):  # `--set lora.target_modules=c_attn` means a one-item list
             value = [value]

@@ -21,6 +21,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from . import schedule as S
 from .aggregation import allreduce_weighted_average_, broadcast_, flat_nbytes
 from .comm import P2P
+from .hetero.exchange import exchange_
+from .hetero.importance import ImportanceTracker
 from .stage import Stage
 from .topology import Groups, Role, Topology
 
@@ -28,6 +30,17 @@ from .topology import Groups, Role, Topology
 # Called after every instruction with (step, instruction, runner): for tracing, profiling and
 # tests that need to see adapters between an optimizer step and an averaging.
 Observer = Callable[[int, "S.Instruction", "StageRunner"], None]
+
+
+@dataclass
+class Exchange:
+    """Heterogeneous aggregation for this participant (see hetero.exchange): which of its modules
+    take part, each one's weight, the method, and the group of every participant."""
+
+    modules: set[str]
+    weights: dict[str, float]
+    method: str
+    group: Optional[dist.ProcessGroup]
 
 
 @dataclass
@@ -86,7 +99,8 @@ class StageRunner:
     def __init__(self, role: Role, schedule: S.Schedule, stage: Stage, engine, p2p: P2P,
                  groups: Optional[Groups], batches: Optional[Iterator[dict]] = None,
                  fedavg_weight: float = 1.0, observers: Sequence[Observer] = (),
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, entry_layers: Optional[Sequence[int]] = None,
+                 exchange: Optional[Exchange] = None, importance: Optional[ImportanceTracker] = None):
         self.role = role
         self.schedule = schedule
         self.topology: Topology = schedule.topology
@@ -98,6 +112,10 @@ class StageRunner:
         self.fedavg_weight = fedavg_weight
         self.observers = list(observers)
         self.label_smoothing = label_smoothing
+        # Heterogeneous split points: the layer each client's activations enter server stage 0 at.
+        self.entry_layers = list(entry_layers) if entry_layers is not None else None
+        self.exchange = exchange
+        self.importance = importance
         self.training = True
         self.eval_batches: Optional[Iterator[dict]] = None
         self.device = p2p.device
@@ -183,7 +201,7 @@ class StageRunner:
         return self.role.is_client and self.schedule.mode == "fedlora"
 
     def _reset(self) -> None:
-        self.x = self.mask = self.labels = self.sizes = None
+        self.x = self.mask = self.labels = self.sizes = self.row_entry = None
         self.output = self.loss = self.grad_output = None
         self.inputs: list[torch.Tensor] = []
 
@@ -213,9 +231,10 @@ class StageRunner:
         if self._computes_loss():
             # The head projects only positions with a next-token target: logits [N, V].
             has_target = F.pad(self.labels[:, 1:] != -100, (0, 1), value=False)
-            self.output = self.engine(self.x, self.mask, has_target.flatten().nonzero().squeeze(1))
+            self.output = self.engine(self.x, self.mask, has_target.flatten().nonzero().squeeze(1),
+                                      row_entry=self.row_entry)
         else:
-            self.output = self.engine(self.x, self.mask)
+            self.output = self.engine(self.x, self.mask, row_entry=self.row_entry)
 
     def _send_activations(self, ins: S.SendActivations) -> None:
         self.p2p.send([self.output, self.mask, self.labels, self.sizes], ins.dst)
@@ -237,6 +256,11 @@ class StageRunner:
         self.mask = torch.cat(masks)
         self.labels = torch.cat(labels)
         self.sizes = torch.cat([b[3] for b in bundles])
+        if self.entry_layers is not None and self.role.index == 0:
+            clients = [self.topology.role_of(src).index for src in ins.srcs]
+            self.row_entry = torch.repeat_interleave(
+                torch.tensor([self.entry_layers[c] for c in clients], device=self.device),
+                torch.tensor([h.shape[0] for h, *_ in bundles], device=self.device))
         if self.role.index == 0 and len(ins.srcs) < self.topology.clients:
             # Serving some clients only (sequential): rows per client index, 0 for the others,
             # so the per-client figures downstream name the right client.
@@ -272,6 +296,8 @@ class StageRunner:
         else:
             # d(sum(out * g))/d(params) = g^T d(out)/d(params): the chain rule across the cut.
             self.engine.backward((self.output * self.grad_output).sum())
+        if self.importance is not None:
+            self.importance.update(self.stage)  # gradients are complete until the optimizer step
 
     def _send_grads(self, ins: S.SendGrads) -> None:
         works = []
@@ -306,6 +332,16 @@ class StageRunner:
         return values[:c], [int(t) for t in values[c:]]
 
     def _average_adapters(self, _: S.AverageAdapters) -> None:
+        if self.exchange is not None:
+            ex = self.exchange
+            nbytes = exchange_(self.stage, ex.weights, ex.modules, ex.method, ex.group)
+            if self.role.is_client:  # as a FedAvg server would see it: up, and back at its own rank
+                self.p2p.bytes_sent += nbytes
+                self.p2p.bytes_received += nbytes
+                self.p2p.adapter_bytes_sent += nbytes
+            self._refresh_master_weights()
+            self.stats.averaged = True
+            return
         params = list(self.stage.adapter_parameters().values())
         allreduce_weighted_average_(params, self.fedavg_weight, self.groups.clients, self.p2p.staging)
         # Counted as a FedAvg server would see it, whatever the all-reduce algorithm: each client

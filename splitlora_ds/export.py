@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,7 +28,11 @@ from . import checkpoint as ckpt
 from .aggregation import fedavg, sample_weights
 from .config import RunConfig, from_dict
 from .data import load_tokenizer
+from .schedule import is_aggregation_step
 from .errors import ConfigError
+from .hetero.aggregation import Factors, aggregate
+from .hetero.exchange import layer_of
+from .hetero.setup import ClientSetup, resolve_setup
 from .models import get_family
 from .models.base import build_layer, strip_peft
 
@@ -46,6 +51,48 @@ def averaged_adapters(directory: Path, meta: dict) -> dict[str, torch.Tensor]:
         if not role.startswith("client"):
             merged.update(load_file(str(directory / f"{role}.safetensors")))
     return merged
+
+
+def heterogeneous_adapters(directory: Path, meta: dict, cfg: RunConfig, setup: ClientSetup) -> dict[str, torch.Tensor]:
+    """One adapter per module from holders of different blocks and ranks (HSplitLoRA).
+
+    Right after an aggregation every holder of a module holds the same update at its own rank
+    (exactly, or its best approximation at that rank): the highest-rank holder's factors are the
+    model. Between aggregations the holders are combined first, as the next aggregation would."""
+    roles = meta["roles"]
+    states = {r: load_file(str(directory / f"{r}.safetensors")) for r in roles}
+    client_weights = sample_weights(meta["sample_counts"])
+    entry = [k + 1 for k in setup.client_layers]
+    aggregated = is_aggregation_step(meta["step"] - 1, cfg.federation.aggregate_every,
+                                     meta.get("run_steps", cfg.train.max_steps))
+    out: dict[str, torch.Tensor] = {}
+    modules = sorted({n.split(".lora_")[0] for sd in states.values() for n in sd})
+    for module in modules:
+        held = {r: _factors(states[r], module) for r in roles if _factors(states[r], module) is not None}
+        top = max(held, key=lambda r: held[r][0].shape[0])  # the highest rank (first such role on ties)
+        A, B = held[top][:2]
+        if len(held) > 1 and not aggregated:
+            weights = participant_weights_for(held, module, client_weights, entry)
+            parts = [Factors(a, b, cfg.lora.alpha / a.shape[0]) for a, b, _ in held.values()]
+            new = aggregate(parts, weights, setup.aggregation)[list(held).index(top)]
+            A, B = new.A, new.B
+        a_name, b_name = held[top][2]
+        out[a_name], out[b_name] = A, B
+    return out
+
+
+def _factors(state: dict[str, torch.Tensor], module: str):
+    for a, b in ((f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"),
+                 (f"{module}.lora_embedding_A.default", f"{module}.lora_embedding_B.default")):
+        if a in state:
+            return state[a], state[b], (a, b)
+    return None
+
+
+def participant_weights_for(held: dict, module: str, client_weights: list[float], entry: list[int]) -> list[float]:
+    layer = layer_of(module)
+    return [client_weights[int(r.removeprefix("client"))] if r.startswith("client")
+            else sum(w for w, e in zip(client_weights, entry) if e <= layer) for r in held]
 
 
 def base_model(cfg: RunConfig, family, hf_config) -> PreTrainedModel:
@@ -87,15 +134,26 @@ def export(checkpoint: str, out: str, merge: bool = False) -> Path:
     cfg = from_dict(RunConfig, meta["config"], prefix="")
     family = get_family(cfg.model.family)
     hf_config = family.load_config(cfg.model.pretrained, cfg.model.config, cfg.model.attn_implementation)
-    adapters = averaged_adapters(directory, meta)
+    setup = resolve_setup(cfg, family, hf_config) if cfg.mode == "split" else None
+    if setup is not None and setup.exchanges:
+        adapters = heterogeneous_adapters(directory, meta, cfg, setup)
+    else:
+        adapters = averaged_adapters(directory, meta)
     model = base_model(cfg, family, hf_config)
 
     targets = sorted({n.split(_LORA_MARK)[0].rsplit(".", 1)[-1] for n in adapters})
     lora = cfg.lora
+    rank = setup.server_rank if setup is not None else lora.rank
     fused = {family.fused_qkv_module: len(lora.fused_qkv)} if lora.fused_qkv and family.fused_qkv_module else {}
-    peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    rank_pattern = {k: rank * m for k, m in fused.items()}
+    names = hf_adapter_names(adapters, family, hf_config, {n for n, _ in model.named_modules()})
+    for ours, theirs in names.items():  # per-module ranks (heterogeneous clients, lora.rank_pattern)
+        if ".lora_A." in ours and adapters[ours].shape[0] != rank:
+            module = theirs.removeprefix("base_model.model.").split(_LORA_MARK)[0]
+            rank_pattern[re.escape(module)] = adapters[ours].shape[0]  # peft matches it as a dotted suffix
+    peft_config = PeftLoraConfig(r=rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=targets, fan_in_fan_out=family.fan_in_fan_out, bias="none",
-                                 rank_pattern={k: lora.rank * m for k, m in fused.items()},
+                                 rank_pattern=rank_pattern,
                                  alpha_pattern={k: lora.alpha * m for k, m in fused.items()},
                                  task_type="CAUSAL_LM")
     out_path = Path(out)
@@ -108,7 +166,6 @@ def export(checkpoint: str, out: str, merge: bool = False) -> Path:
         tokenizer.save_pretrained(base_dir)
     peft_model = get_peft_model(model, peft_config)
     params = dict(peft_model.named_parameters())
-    names = hf_adapter_names(adapters, family, hf_config, {n for n, _ in model.named_modules()})
     trained = {n for n in params if _LORA_MARK in n}
     if set(names.values()) != trained:
         raise ConfigError(f"export: adapters and model disagree: {sorted(trained ^ set(names.values()))[:3]}")

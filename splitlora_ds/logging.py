@@ -28,8 +28,8 @@ class MetricsWriter:
         for tag, value in values.items():
             self._writer.add_scalar(tag, value, step)
 
-    def text(self, tag: str, text: str) -> None:
-        self._writer.add_text(tag, text)
+    def text(self, tag: str, text: str, step: int | None = None) -> None:
+        self._writer.add_text(tag, text, step)
 
     def close(self) -> None:
         self._writer.flush()

@@ -3,7 +3,11 @@
 Layer indices follow `models.base.LayerSpec`: 0 = embeddings, 1..L = transformer blocks,
 L + 1 = head (final norm + LM head). A client holds layers 0..k; the server's remaining blocks
 are spread over S pipeline stages with DeepSpeed's partitioners, the head on the last stage.
-Client split points are stored per client so heterogeneous clients need no new data structure.
+
+Heterogeneous clients (HSplitLoRA) cut at different k_c. The server then starts at the smallest
+cut: blocks k_min+1..k_max are "shared" (held by the clients that cut later and by the server for
+the clients that cut earlier, each side with its own adapters) and all sit on server stage 0, so
+every client still sends to stage 0; its activations enter there at block k_c+1.
 """
 
 from __future__ import annotations
@@ -62,6 +66,20 @@ class SplitPlan:
     def all_stages(self) -> tuple[StagePlan, ...]:
         return self.clients + self.server
 
+    @property
+    def entry_layers(self) -> tuple[int, ...]:
+        """Per client: the layer its activations enter the server at (k_c + 1)."""
+        return tuple(c.stop for c in self.clients)
+
+    @property
+    def heterogeneous(self) -> bool:
+        return len(set(self.entry_layers)) > 1
+
+    @property
+    def shared_layers(self) -> range:
+        """Blocks some clients hold and server stage 0 holds for the others (empty when all cut alike)."""
+        return range(min(self.entry_layers), max(self.entry_layers))
+
 
 def make_split_plan(
     num_blocks: int,
@@ -82,34 +100,38 @@ def make_split_plan(
             raise ConfigError(
                 f"split.client_layers: {k} is out of range; the model has {num_blocks} blocks, "
                 f"so a client holds 1..{num_blocks - 1} of them and the server the rest")
-    if len(set(client_layers)) != 1:
-        raise ConfigError(f"split.client_layers: per-client split points {list(client_layers)} "
-                          "are not supported yet; use one value for every client")
-    k = client_layers[0]
-    server_blocks = num_blocks - k
-    if server_stages > server_blocks:
+    k_min, k_max = min(client_layers), max(client_layers)
+    rest = num_blocks - k_max  # blocks no client holds, spread over the server stages
+    if server_stages > rest:
         raise ConfigError(
-            f"split.server_stages: {server_stages} stages need at least {server_stages} server blocks, "
-            f"but with split.client_layers={k} the server holds {server_blocks} of {num_blocks}")
+            f"split.server_stages: {server_stages} stages need at least {server_stages} blocks that no "
+            f"client holds, but with split.client_layers={_show(client_layers)} there are {rest} "
+            f"of {num_blocks}")
 
     if method == "uniform":
-        bounds = partition_uniform(server_blocks, server_stages)
+        bounds = partition_uniform(rest, server_stages)
     elif method == "parameters":
         if block_weights is None or len(block_weights) != num_blocks:
             raise ValueError("partition method 'parameters' needs one weight per block")
-        bounds = partition_balanced(list(block_weights[k:]), server_stages)
+        bounds = partition_balanced(list(block_weights[k_max:]), server_stages)
     else:
         raise ConfigError(f"split.partition_method: unknown method {method!r}; use uniform or parameters")
 
     clients = tuple(StagePlan(f"client{i}", 0, ki + 1, num_blocks) for i, ki in enumerate(client_layers))
-    first = k + 1
+    first = k_max + 1
     server = []
     for s in range(server_stages):
         start, stop = first + bounds[s], first + bounds[s + 1]
+        if s == 0:
+            start = k_min + 1  # the shared blocks ride with the first server stage
         if s == server_stages - 1:
             stop = num_blocks + 2  # the head rides with the last server stage
         server.append(StagePlan(f"server{s}", start, stop, num_blocks))
     return SplitPlan(num_blocks, clients, tuple(server))
+
+
+def _show(client_layers: Sequence[int]) -> str:
+    return str(client_layers[0]) if len(set(client_layers)) == 1 else str(list(client_layers))
 
 
 def centralized_plan(num_blocks: int) -> StagePlan:

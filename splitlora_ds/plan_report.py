@@ -6,20 +6,33 @@ stage is built with meta tensors just to count what each role would hold.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .config import RunConfig
+from .hetero.setup import ClientSetup
 from .partition import StagePlan, centralized_plan
 from .stage import build_stage
 
 
-def stage_counts(family, hf_config, plan: StagePlan, cfg: RunConfig) -> tuple[int, int]:
+def stage_counts(family, hf_config, plan: StagePlan, cfg: RunConfig, rank: Optional[int] = None) -> tuple[int, int]:
     with torch.device("meta"):
-        stage = build_stage(family, hf_config, plan, cfg.lora, cfg.train.seed)
+        stage = build_stage(family, hf_config, plan, cfg.lora, cfg.train.seed, rank=rank)
     return stage.parameter_counts()
 
 
-def plan_report(cfg: RunConfig, family, hf_config, plan, recipe: str) -> str:
+def setup_report(setup: ClientSetup) -> str:
+    """Per-client split points and ranks (and the planner's table when budgets chose them)."""
+    lines = []
+    if setup.plan_text:
+        lines += ["client plan from federation.budgets:", setup.plan_text]
+    lines.append(f"clients: split after {list(setup.client_layers)} blocks, LoRA ranks {list(setup.client_ranks)}; "
+                 f"server rank {setup.server_rank}; aggregation {setup.aggregation}")
+    return "\n".join(lines)
+
+
+def plan_report(cfg: RunConfig, family, hf_config, plan, recipe: str, setup: Optional[ClientSetup] = None) -> str:
     lines = [f"splitlora_ds dry run: {recipe}"]
     targets = cfg.lora.target_modules or list(family.default_target_modules)
     fused = f" (fused q|k|v slices {cfg.lora.fused_qkv})" if cfg.lora.fused_qkv else ""
@@ -27,25 +40,31 @@ def plan_report(cfg: RunConfig, family, hf_config, plan, recipe: str) -> str:
                  f"blocks, hidden {hf_config.hidden_size}, vocab {hf_config.vocab_size}")
     lines.append(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, dropout {cfg.lora.dropout:g} on "
                  f"{', '.join(targets)}{fused}")
-    whole_total, whole_trainable = stage_counts(family, hf_config, centralized_plan(family.num_blocks(hf_config)), cfg)
+    whole_rank = setup.server_rank if setup is not None else None
+    whole_total, whole_trainable = stage_counts(family, hf_config, centralized_plan(family.num_blocks(hf_config)), cfg,
+                                                whole_rank)
     if cfg.mode == "fedlora":
         lines.append(f"mode: fedlora, world size {cfg.federation.clients}: every client holds the whole model; "
                      f"FedAvg every {cfg.federation.aggregate_every} step(s)")
     elif plan is None:
         lines.append("mode: centralized (1 process)")
     else:
-        how = (f"FedAvg every {cfg.federation.aggregate_every} step(s)" if cfg.mode == "split" else
+        method = "FedAvg" if setup is None or setup.aggregation == "fedavg" else f"{setup.aggregation} aggregation"
+        how = (f"{method} every {cfg.federation.aggregate_every} step(s)" if cfg.mode == "split" else
                f"clients take turns of {cfg.federation.aggregate_every} step(s) (vanilla split learning)")
         lines.append(f"mode: {cfg.mode}, world size {len(plan.all_stages())} = {len(plan.clients)} clients + "
                      f"{len(plan.server)} server stage(s); {how}")
-        lines.append(f"{'rank':>4}  {'role':<10}{'layers':<30}{'params':>16}{'trainable':>14}")
-        cache: dict[tuple[int, int], tuple[int, int]] = {}
+        if setup is not None and (setup.exchanges or setup.plan_text):
+            lines.append(setup_report(setup))
+        lines.append(f"{'rank':>4}  {'role':<10}{'layers':<30}{'LoRA r':>7}{'params':>16}{'trainable':>14}")
+        cache: dict[tuple[int, int, int], tuple[int, int]] = {}
         for rank, sp in enumerate(plan.all_stages()):
-            key = (sp.start, sp.stop)
+            r = (setup.client_ranks[rank] if rank < len(plan.clients) else setup.server_rank) if setup else None
+            key = (sp.start, sp.stop, r)
             if key not in cache:  # identical clients are counted once
-                cache[key] = stage_counts(family, hf_config, sp, cfg)
+                cache[key] = stage_counts(family, hf_config, sp, cfg, r)
             total, trainable = cache[key]
-            lines.append(f"{rank:>4}  {sp.name:<10}{sp.describe():<30}{total:>16,}{trainable:>14,}")
+            lines.append(f"{rank:>4}  {sp.name:<10}{sp.describe():<30}{r or cfg.lora.rank!s:>7}{total:>16,}{trainable:>14,}")
     lines.append(f"{'':>4}  {'whole':<10}{'(centralized)':<30}{whole_total:>16,}{whole_trainable:>14,}")
     d = cfg.data
     where = d.path or (", ".join(d.files) if d.files else None)

@@ -21,6 +21,7 @@ from .data import ClientBatches, collate, concat_batches, load_tokenizer, pooled
 from .data.build import DataPlan, plan_data, tokenize_client
 from .ds_config import load_ds_config
 from .errors import ConfigError
+from .hetero.setup import ClientSetup, resolve_setup
 from .models import get_family
 from .models.lora import target_modules_in_family
 from .schedule import Schedule
@@ -50,10 +51,19 @@ class Prepared:
     num_samples: int = 0  # this client's sample count (FedAvg weight); all samples when centralized
     streams: list[ClientBatches] = field(default_factory=list)  # the training streams this rank draws from
     resume: Optional[ckpt.Loaded] = None  # this rank's part of the checkpoint to continue from
+    setup: Optional[ClientSetup] = None  # split/sequential: per-client split points, ranks, aggregation
 
     @property
     def schedule(self) -> Schedule:
-        return Schedule(self.cfg.mode, self.topology, self.cfg.federation.aggregate_every, self.max_steps)
+        return Schedule(self.cfg.mode, self.topology, self.cfg.federation.aggregate_every, self.max_steps,
+                        server_aggregates=self.setup is not None and self.setup.shared_blocks)
+
+    @property
+    def lora_rank(self) -> int:
+        """This role's LoRA rank."""
+        if self.setup is None:
+            return self.cfg.lora.server_rank_or_default()
+        return self.setup.client_ranks[self.role.index] if self.role.is_client else self.setup.server_rank
 
 
 def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None) -> Prepared:
@@ -74,8 +84,11 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
     ds_config = load_ds_config(cfg.deepspeed_config)
     topology = Topology(cfg.federation.clients, cfg.split.server_stages)
 
+    setup = None
     if cfg.mode in ("split", "sequential"):
-        plan = make_split_plan(num_blocks, [cfg.split.client_layers] * topology.clients,
+        half = any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+        setup = resolve_setup(cfg, family, hf_config, weight_bytes=2 if half else 4)
+        plan = make_split_plan(num_blocks, list(setup.client_layers),
                                topology.server_stages, cfg.split.partition_method,
                                _block_weights(family, hf_config) if cfg.split.partition_method == "parameters" else None)
         if not dry_run:
@@ -98,7 +111,8 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
         plan, role, stage_plan = None, Role("centralized", 0, 0), centralized_plan(num_blocks)
     if cfg.checkpoint.every and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.every: set checkpoint.dir to say where checkpoints go")
-    prep = Prepared(cfg, rank, local_rank, role, topology, plan, stage_plan, family, hf_config, ds_config)
+    prep = Prepared(cfg, rank, local_rank, role, topology, plan, stage_plan, family, hf_config, ds_config,
+                    setup=setup)
     if not dry_run:
         _prepare_data(prep)
     if resume is not None and not dry_run:

@@ -15,6 +15,7 @@ import resource
 from dataclasses import asdict, dataclass, field
 from typing import Callable, TypeVar
 
+import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -38,6 +39,9 @@ class RunSummary:
     bytes_sent: int = 0
     bytes_received: int = 0
     peak_rss_bytes: int = 0
+    # Resident set just before the model is built: the interpreter, libraries, tokenizer and
+    # data. peak_rss_bytes - this is what the model and its training added.
+    rss_before_model_bytes: int = 0
     cuda_max_allocated_bytes: int = 0
     threads: int = field(default_factory=torch.get_num_threads)
 
@@ -76,6 +80,10 @@ class RunSummary:
         with open(path, "w") as f:
             json.dump({k: v for k, v in asdict(self).items() if not k.startswith("_")}, f, indent=1)
         return path
+
+
+def current_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
 
 
 def read_summary(directory: str) -> dict:

@@ -6,7 +6,8 @@ runs them as one batch, so no client waits for another to be served.
 
     client c:     LoadBatch Forward SendActivations RecvGrads Backward OptimizerStep [AverageAdapters]
     server stage: RecvActivations Forward (ComputeLoss | SendActivations RecvGrads) Backward
-                  SendGrads OptimizerStep
+                  SendGrads OptimizerStep [AverageAdapters: stage 0, for the blocks it holds
+                  on behalf of clients that cut earlier (heterogeneous split points)]
     centralized:  LoadBatch Forward ComputeLoss Backward OptimizerStep
     fedlora c:    LoadBatch Forward ComputeLoss Backward OptimizerStep ReduceLossStats [AverageAdapters]
                   (every client holds the whole model: the FedLoRA baseline)
@@ -190,6 +191,9 @@ class Schedule:
     topology: Topology
     aggregate_every: int
     max_steps: int  # per client
+    # Heterogeneous split points: server stage 0 holds blocks on behalf of clients that cut
+    # earlier, and joins the clients' aggregation for them.
+    server_aggregates: bool = False
 
     @property
     def steps_per_client_step(self) -> int:
@@ -230,7 +234,11 @@ class Schedule:
         if self.mode == "split":
             if role.is_client:
                 return client_step(topo, step, self.aggregate_every, self.max_steps)
-            return server_step(topo, role.index)
+            out = server_step(topo, role.index)
+            if (self.server_aggregates and role.index == 0 and topo.clients > 1
+                    and is_aggregation_step(step, self.aggregate_every, self.max_steps)):
+                out.append(AverageAdapters())
+            return out
         return self._sequential(role, step)
 
     def _sequential(self, role: Role, step: int) -> list[Instruction]:

@@ -37,15 +37,43 @@ class Stage(nn.Module):
         self.pinned_adapter_entries = 0  # adapter entries held at zero (lora.fused_qkv)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor,
-                score_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                score_index: Optional[torch.Tensor] = None,
+                row_entry: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`score_index`: flat (batch x time) positions the head projects (see
-        models.base.scored_positions); None: every position, logits [B, T, V]."""
+        models.base.scored_positions); None: every position, logits [B, T, V].
+
+        `row_entry` (heterogeneous split points): per row, the layer index its activations enter
+        at; a row skips this stage's layers before that (its client ran them). Rows are sorted
+        by entry inside, so the rows running a layer are always a prefix, and put back in their
+        given order as soon as every row is in; outputs come back in the input's row order."""
+        if row_entry is None or bool((row_entry <= self.plan.start).all()):
+            ctx = self._context(attention_mask, score_index)
+            for layer in self.layers.values():
+                x = layer(x, ctx)
+            return x
+        order = torch.argsort(row_entry, stable=True)
+        entry, x, mask = row_entry[order], x[order], attention_mask[order]
+        contexts: dict[int, dict] = {}
+        sorted_rows = True
+        for index, layer in self.layers.items():
+            n = int((entry <= int(index)).sum())
+            if sorted_rows and n == x.shape[0]:
+                # every row is in: back to the given order (the head's score_index refers to it)
+                x = x[torch.argsort(order)]
+                mask, sorted_rows = attention_mask, False
+                contexts.clear()
+            if n == 0:
+                continue  # no rows have entered yet (a client with an empty evaluation batch)
+            if n not in contexts:
+                contexts[n] = self._context(mask[:n], score_index)
+            x = layer(x, contexts[n]) if n == x.shape[0] else torch.cat([layer(x[:n], contexts[n]), x[n:]])
+        return x[torch.argsort(order)] if sorted_rows else x
+
+    def _context(self, attention_mask: torch.Tensor, score_index: Optional[torch.Tensor]) -> dict:
         ctx = self.context(attention_mask, self.compute_dtype)
         if score_index is not None:
             ctx["score_index"] = score_index
-        for layer in self.layers.values():
-            x = layer(x, ctx)
-        return x
+        return ctx
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -72,8 +100,11 @@ def save_adapters(stage: Stage, out_dir: str, role_name: str) -> str:
 
 
 def build_stage(family: ModelFamily, hf_config, plan: StagePlan, lora: LoraConfig, seed: int,
-                pretrained: Optional[str] = None) -> Stage:
+                pretrained: Optional[str] = None, rank: Optional[int] = None) -> Stage:
+    """`rank`: this role's LoRA rank (heterogeneous clients); default lora.rank (the server's rank
+    when lora.rank is a per-client list)."""
     specs = family.layer_specs(hf_config)
+    rank = rank if rank is not None else lora.server_rank_or_default()
     targets = lora.target_modules or list(family.default_target_modules)
     layers = {}
     pinned = 0
@@ -81,13 +112,13 @@ def build_stage(family: ModelFamily, hf_config, plan: StagePlan, lora: LoraConfi
     multiplier = ({family.fused_qkv_module: len(lora.fused_qkv)}
                   if lora.fused_qkv is not None and family.fused_qkv_module else None)
     for i in plan.layers:
-        layer, _ = build_lora_layer(specs[i], seed, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+        layer, _ = build_lora_layer(specs[i], seed, rank=rank, alpha=lora.alpha, dropout=lora.dropout,
                                     target_modules=targets, fan_in_fan_out=family.fan_in_fan_out,
-                                    rank_multiplier=multiplier)
+                                    rank_multiplier=multiplier, rank_pattern=lora.rank_pattern)
         if pretrained is not None:  # base weights only; the adapters keep their seeded init
             load_layer_weights(layer, specs[i], pretrained)
         if lora.fused_qkv is not None:
-            pinned += family.restrict_fused_qkv(layer, hf_config, lora.rank, lora.fused_qkv)
+            pinned += family.restrict_fused_qkv(layer, hf_config, rank, lora.fused_qkv)
         layers[i] = layer
     stage = Stage(plan, layers, family.make_context(hf_config), hf_config.hidden_size)
     stage.pinned_adapter_entries = pinned

@@ -162,9 +162,12 @@ class SingleRankMPU:
 class Groups:
     clients: Optional[dist.ProcessGroup]  # the client ranks' all-reduce group (None off-group)
     own: dist.ProcessGroup  # this rank alone, for its DeepSpeed engine
+    # Heterogeneous aggregation: the clients plus server stage 0 when it holds shared blocks,
+    # else the client group (None off-group).
+    aggregation: Optional[dist.ProcessGroup] = None
 
 
-def make_groups(topology: Topology, rank: int, timeout: timedelta) -> Groups:
+def make_groups(topology: Topology, rank: int, timeout: timedelta, server_aggregates: bool = False) -> Groups:
     """Create process groups; every rank must call this, in the same order, at the same time.
 
     The timeout is passed explicitly: new groups do not inherit the default group's timeout.
@@ -176,4 +179,10 @@ def make_groups(topology: Topology, rank: int, timeout: timedelta) -> Groups:
         if r == rank:
             own = g
     assert own is not None
-    return Groups(clients if rank in topology.client_ranks else None, own)
+    members = list(topology.client_ranks)
+    aggregation = clients if rank in members else None
+    if server_aggregates:
+        members.append(topology.server_rank(0))
+        group = dist.new_group(members, timeout=timeout)
+        aggregation = group if rank in members else None
+    return Groups(clients if rank in topology.client_ranks else None, own, aggregation)

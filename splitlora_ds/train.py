@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from .plan_report import plan_report
 
-            print(plan_report(cfg, prep.family, prep.hf_config, prep.plan, args.recipe))
+            print(plan_report(cfg, prep.family, prep.hf_config, prep.plan, args.recipe, prep.setup))
             return 0
     except ConfigError as e:
         print(f"splitlora_ds: error: {e}", file=sys.stderr, flush=True)

@@ -7,7 +7,7 @@ import logging as std_logging
 import math
 import os
 from datetime import timedelta
-from typing import Sequence
+from typing import Optional, Sequence
 
 import deepspeed
 import torch
@@ -19,11 +19,15 @@ from .aggregation import sample_weights
 from .comm import P2P
 from .config import RunConfig
 from .ds_config import role_ds_config
-from .engine import Observer, StageRunner
+from .engine import Exchange, Observer, StageRunner
+from .hetero.exchange import layer_of, lora_modules, participant_weights
+from .hetero.importance import ImportanceTracker, replan_, resizable, resize_
+from .schedule import is_aggregation_step
 from .errors import ConfigError
 from .logging import MetricsWriter, Progress
+from .plan_report import setup_report
 from .prepare import Prepared
-from .run_summary import RunSummary
+from .run_summary import RunSummary, current_rss_bytes
 from .stage import build_stage, save_adapters
 from .topology import SingleRankMPU, Topology, init_distributed, make_groups, select_device, share_cpu_threads
 
@@ -37,12 +41,14 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     init_distributed(cfg.dist.timeout_s, cfg.dist.backend)
     timeout = timedelta(seconds=cfg.dist.timeout_s)
     layout = Topology(1, 0) if cfg.mode == "centralized" else topology
-    groups = make_groups(layout, prep.rank, timeout)
+    setup = prep.setup
+    groups = make_groups(layout, prep.rank, timeout, server_aggregates=setup is not None and setup.shared_blocks)
     device = select_device(prep.local_rank)
     torch.manual_seed(cfg.train.seed + 100_003 * prep.rank)  # dropout differs per rank
 
+    rss_before_model = current_rss_bytes()
     stage = build_stage(prep.family, prep.hf_config, prep.stage_plan, cfg.lora, cfg.train.seed,
-                        cfg.model.pretrained).to(device)
+                        cfg.model.pretrained, rank=prep.lora_rank).to(device)
     schedule = prep.schedule
     # The server batches every client's activations, except in sequential mode (one at a time).
     serves_all = role.kind == "centralized" or (role.is_server and cfg.mode != "sequential")
@@ -61,9 +67,17 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
 
     wire = _DTYPES[cfg.split.wire_dtype] if cfg.split.wire_dtype else None
     p2p = P2P(device, wire, staging)
+    entry_layers = list(prep.plan.entry_layers) if setup is not None and setup.shared_blocks else None
+    tracker = ImportanceTracker(cfg.importance.beta) if cfg.importance.enabled else None
+    replans = cfg.importance.replan_threshold is not None
+    if replans and not type(engine.optimizer).__module__.startswith("torch.optim"):
+        raise ConfigError(f"importance.replan_threshold: resizing adapters needs a plain torch optimizer, but "
+                          f"{cfg.deepspeed_config} gives {type(engine.optimizer).__name__} (bf16/fp16 or ZeRO keep "
+                          f"flat copies of the adapters); use an fp32 config without ZeRO")
     runner = StageRunner(role, schedule, stage, engine, p2p, groups, prep.batches, weight, observers,
-                         cfg.train.label_smoothing)
-    start = _restore(prep, stage, engine, p2p) if prep.resume else 0
+                         cfg.train.label_smoothing, entry_layers, _exchange(prep, stage, groups, sample_counts),
+                         tracker)
+    start = _restore(prep, stage, engine, p2p, tracker) if prep.resume else 0
     main = (role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)
             or (cfg.mode == "fedlora" and prep.rank == 0))
     # purge_step: a resumed run replaces whatever the first run logged after its checkpoint.
@@ -74,6 +88,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
             print(f"[splitlora_ds] resumed at step {start} from {prep.resume.directory}", flush=True)
         writer.text("config", f"```\n{_yaml(cfg)}\n```")
         writer.text("data", f"```\n{prep.data_plan.describe()}\n```")
+        if setup is not None and (setup.exchanges or setup.plan_text):
+            writer.text("clients", f"```\n{setup_report(setup)}\n```")
     if role.is_client and not start:
         c = role.index
         writer.scalars(0, {f"client{c}/samples": prep.num_samples, f"client{c}/fedavg_weight": weight})
@@ -81,7 +97,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
 
     max_steps = schedule.steps
     params, trainable = stage.parameter_counts()
-    summary = RunSummary(role.name, cfg.mode, params=params, trainable_params=trainable)
+    summary = RunSummary(role.name, cfg.mode, params=params, trainable_params=trainable,
+                         rss_before_model_bytes=rss_before_model)
     progress = Progress(max_steps, start, enabled=main or cfg.log.all_ranks, bar=main,
                         prefix=f" {role.name}:" if cfg.log.all_ranks else "")
     for step in range(start, max_steps):
@@ -92,6 +109,16 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
                   "comm/bytes_sent": p2p.bytes_sent, "comm/bytes_received": p2p.bytes_received}
         if role.is_client:
             values["comm/adapter_bytes_sent"] = p2p.adapter_bytes_sent
+        if tracker is not None:
+            values.update({f"importance/{m}": v for m, v in tracker.scores.items()})
+            if replans and is_aggregation_step(step, cfg.federation.aggregate_every, max_steps) and step < max_steps - 1:
+                values["importance/shift"] = shift = tracker.shift()
+                if shift > cfg.importance.replan_threshold:
+                    changed = replan_(stage, tracker, prep.lora_rank, cfg.importance.max_rank_factor, engine.optimizer)
+                    values["importance/resized_modules"] = len(changed)
+                    if changed:
+                        writer.text("importance/replan", f"after step {step + 1} (ranking shift {shift:.2f}): "
+                                    + ", ".join(f"{m}: r={r}" for m, r in changed.items()), step)
         if stats.loss is not None:
             values.update({"train/loss": stats.loss, "train/tokens": stats.tokens,
                            "train/tokens_per_s": stats.tokens / max(stats.seconds, 1e-9)})
@@ -113,7 +140,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
         writer.scalars(step, values)
         every = schedule.every(cfg.checkpoint.every)
         if cfg.checkpoint.dir and (step == max_steps - 1 or (every and (step + 1) % every == 0)):
-            path = _save_checkpoint(prep, step + 1, stage, engine, p2p, sample_counts)
+            path = _save_checkpoint(prep, step + 1, stage, engine, p2p, sample_counts, tracker)
             progress.write(f"[splitlora_ds] checkpoint: {path}")
     progress.close()
     writer.close()
@@ -133,31 +160,51 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
 
 def _sample_counts(prep: Prepared, groups, staging: torch.device) -> list[int]:
     """Every client's training sample count (FedAvg weights; recorded in checkpoints). Clients
-    learn them with one all-reduce; the centralized run has them all; server ranks need none."""
+    learn them with one all-reduce (server stage 0 too when it aggregates shared blocks); the
+    centralized run has them all; other server ranks need none."""
     if prep.role.kind == "centralized":
         return [s.num_samples for s in prep.streams]
-    if not prep.role.is_client:
+    group = groups.aggregation if prep.setup is not None and prep.setup.shared_blocks else groups.clients
+    if group is None:
         return []
     counts = torch.zeros(prep.topology.clients, dtype=torch.float64, device=staging)
-    counts[prep.role.index] = prep.num_samples
-    if prep.topology.clients > 1:
-        dist.all_reduce(counts, group=groups.clients)
+    if prep.role.is_client:
+        counts[prep.role.index] = prep.num_samples
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(counts, group=group)
     return [int(c) for c in counts.tolist()]
 
 
-def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, sample_counts: list[int]) -> str:
+def _exchange(prep: Prepared, stage, groups, sample_counts: list[int]) -> Optional[Exchange]:
+    """This rank's part in heterogeneous aggregation, or None (FedAvg all-reduce, or no part)."""
+    setup = prep.setup
+    if setup is None or not setup.exchanges or groups.aggregation is None or prep.topology.clients < 2:
+        return None
+    modules = set(lora_modules(stage))
+    client = prep.role.index if prep.role.is_client else None
+    if client is None:  # server stage 0 takes part for its shared blocks only
+        shared = prep.plan.shared_layers
+        modules = {m for m in modules if layer_of(m) in shared}
+    weights = participant_weights(modules, client, sample_weights(sample_counts), list(prep.plan.entry_layers))
+    return Exchange(modules, weights, setup.aggregation, groups.aggregation)
+
+
+def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, sample_counts: list[int],
+                     tracker: Optional[ImportanceTracker]) -> str:
     cfg = prep.cfg
     directory = ckpt.step_dir(cfg.checkpoint.dir, steps_done)
     scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else {}
     state = {"optimizer": engine.optimizer.state_dict(), "scheduler": scheduler, "rng": ckpt.rng_state(),
-             "data": [s.state_dict() for s in prep.streams], "bytes": [p2p.bytes_sent, p2p.bytes_received, p2p.adapter_bytes_sent]}
+             "data": [s.state_dict() for s in prep.streams], "bytes": [p2p.bytes_sent, p2p.bytes_received, p2p.adapter_bytes_sent],
+             "importance": tracker.state_dict() if tracker is not None else None}
     ckpt.save_rank(directory, prep.role.name, stage.adapter_parameters(), state)
     dist.barrier()  # every rank's files are in place before the checkpoint is marked complete
     if prep.rank == 0:
         layout = Topology(1, 0) if cfg.mode == "centralized" else prep.topology
         roles = (["centralized"] if cfg.mode == "centralized"
                  else [layout.role_of(r).name for r in range(layout.world_size)])
-        ckpt.write_meta(directory, {"format": 1, "step": steps_done, "config": cfg.to_dict(), "roles": roles,
+        ckpt.write_meta(directory, {"format": 1, "step": steps_done, "run_steps": prep.schedule.steps,
+                                    "config": cfg.to_dict(), "roles": roles,
                                     "world": {"clients": layout.clients, "server_stages": layout.server_stages},
                                     "sample_counts": sample_counts})
         ckpt.prune(cfg.checkpoint.dir, cfg.checkpoint.keep)
@@ -165,9 +212,15 @@ def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, s
     return str(directory)
 
 
-def _restore(prep: Prepared, stage, engine, p2p: P2P) -> int:
+def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[ImportanceTracker]) -> int:
     """Load this rank's checkpoint part: adapters, optimizer, scheduler, RNG, data position."""
     loaded = prep.resume
+    for module, (rank, _cost) in resizable(stage).items():  # ranks a re-plan changed before the save
+        saved = loaded.adapters.get(f"{module}.lora_A.default.weight")
+        if saved is not None and saved.shape[0] != rank:
+            resize_(stage, module, saved.shape[0])
+    if tracker is not None and loaded.state.get("importance"):
+        tracker.load_state_dict(loaded.state["importance"])
     params = stage.adapter_parameters()
     if set(params) != set(loaded.adapters):
         missing = sorted(set(params) ^ set(loaded.adapters))[:3]
@@ -203,12 +256,18 @@ def _announce(prep: Prepared) -> None:
     if prep.plan is None:
         print(f"[splitlora_ds] mode=centralized: {prep.stage_plan.describe()}", flush=True)
         return
+    setup = prep.setup
     if cfg.mode == "split":
+        how = "FedAvg" if setup is None or setup.aggregation == "fedavg" else f"{setup.aggregation} aggregation"
         print(f"[splitlora_ds] mode=split: {prep.topology.clients} clients + {prep.topology.server_stages} "
-              f"server stage(s), {prep.plan.num_blocks} blocks, FedAvg every {cfg.federation.aggregate_every} "
+              f"server stage(s), {prep.plan.num_blocks} blocks, {how} every {cfg.federation.aggregate_every} "
               f"step(s)", flush=True)
+    if setup is not None and setup.plan_text:
+        for line in setup.plan_text.splitlines():
+            print(f"[splitlora_ds]   {line}", flush=True)
     for rank, sp in enumerate(prep.plan.all_stages()):
-        print(f"[splitlora_ds]   rank {rank} {sp.name}: {sp.describe()}", flush=True)
+        r = setup.client_ranks[rank] if rank < prep.topology.clients else setup.server_rank
+        print(f"[splitlora_ds]   rank {rank} {sp.name}: {sp.describe()}; LoRA rank {r}", flush=True)
     for line in prep.data_plan.describe().splitlines():
         print(f"[splitlora_ds]   {line}", flush=True)
 

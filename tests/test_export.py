@@ -64,3 +64,41 @@ def test_export_matches_the_trainers_last_eval(tmp_path, family, lora):
 def test_export_of_a_missing_checkpoint_is_an_error(tmp_path, capsys):
     assert export_main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aggregation,ranks,server_rank", [("fedavg", [4, 4], None), ("stacked", [2, 4], 2)])
+def test_export_of_heterogeneous_clients(tmp_path, aggregation, ranks, server_rank):
+    # client0 cuts after block 0, client1 after block 1: block 1 is held by client1 and, for
+    # client0, by server0. With one rank everywhere (fedavg) every holder ends with the same
+    # factors, so the export is exactly the model the trainer evaluated; with client ranks 2 and 4
+    # and server rank 2 the export takes each module's highest-rank holder, at its rank.
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}))
+    recipe = write_recipe(tmp_path, "gpt2", deepspeed_config=str(ds), lora={"rank": ranks, "server_rank": server_rank,
+                                                                                    "target_modules": ["c_attn"]},
+                          split={"client_layers": [1, 2]}, federation={"clients": 2, "aggregate_every": 3,
+                                                                       "aggregation": aggregation},
+                          data={"num_samples": 48, "validation_fraction": 0.25},
+                          train={"max_steps": 4, "batch_size": 2}, checkpoint={"dir": str(tmp_path / "ckpt")})
+    check(launch(3, ["--recipe", str(recipe)]))
+    assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "adapter")]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "base")
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    exported = validation_loss(model, recipe)
+    trainer_eval = read_scalars(str(tmp_path / "tb" / "server0"), "eval/loss")[-1][1]
+    if aggregation == "fedavg":
+        assert config["r"] == 4 and not config["rank_pattern"]
+        assert abs(exported - trainer_eval) <= 1e-4, (exported, trainer_eval)
+    else:
+        # block 0 is held by both clients (ranks 2, 4) and block 1 by client1 (4) and server0 (2):
+        # both export client1's rank-4 factors; blocks 2, 3 only server0 holds, at rank 2
+        assert config["r"] == 2
+        assert {k.replace("\\", ""): v for k, v in config["rank_pattern"].items()} == {
+            "transformer.h.0.attn.c_attn": 4, "transformer.h.1.attn.c_attn": 4}
+        ckpt_dir = sorted((tmp_path / "ckpt").glob("step-*"))[-1]
+        from safetensors.torch import load_file
+        client1 = load_file(str(ckpt_dir / "client1.safetensors"))
+        a = model.base_model.model.transformer.h[0].attn.c_attn.lora_A["default"].weight
+        torch.testing.assert_close(a, client1["layers.1.block.attn.c_attn.lora_A.default.weight"])
+        assert abs(exported - trainer_eval) < 0.05  # the clients' own lower-rank copies differ a little

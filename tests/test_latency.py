@@ -37,6 +37,16 @@ def test_simulated_time_to_target_and_memory_misfits():
     assert central["memory_misfits"] == []
 
 
+def test_heterogeneous_clients_use_their_own_work():
+    # the slow device now runs a 0.5 TFLOP client (fewer blocks), the fast one a 4 TFLOP client:
+    # slow: 0.5 + 1 + 0.4 + 0.08 = 1.98 s, fast: 1 + 0.2 + 0.2 + 0.04 = 1.44 s; + 0.1 s server
+    from dataclasses import replace
+    hetero = replace(work("split"), per_client_flops=(0.5e12, 4e12), per_client_memory_bytes=(0.5e9, 9e9))
+    assert round_seconds(hetero, PROFILE) == pytest.approx(1.98 + 0.1)
+    (sim,) = simulate([hetero], [10], PROFILE)
+    assert sim["memory_misfits"] == ["client1 (fast: 8 GB < 9.00 GB)"]
+
+
 def test_shorter_client_lists_repeat():
     assert [PROFILE.client(c).name for c in range(4)] == ["slow", "fast", "slow", "fast"]
 

@@ -44,8 +44,28 @@ def test_split_point_out_of_range(k):
 
 
 def test_too_many_server_stages():
-    with pytest.raises(ConfigError, match="split.server_stages: 3 stages need at least 3 server blocks"):
+    with pytest.raises(ConfigError, match="split.server_stages: 3 stages need at least 3 blocks that no client holds"):
         make_split_plan(num_blocks=4, client_layers=[2], server_stages=3)
+    with pytest.raises(ConfigError, match=r"with split.client_layers=\[1, 3\] there are 3 of 6"):
+        make_split_plan(num_blocks=6, client_layers=[1, 3], server_stages=4)
+
+
+def test_per_client_split_points_share_blocks_on_server_stage_zero():
+    plan = make_split_plan(num_blocks=8, client_layers=[1, 3, 2], server_stages=2)
+    assert [(s.start, s.stop) for s in plan.clients] == [(0, 2), (0, 4), (0, 3)]
+    # blocks 2..3 (layers 2, 3) are shared: client1/client2 hold some, server0 holds both for
+    # client0; the 5 blocks no client holds (layers 4..8) are spread 3 + 2, head on the last stage
+    assert [(s.start, s.stop) for s in plan.server] == [(2, 7), (7, 10)]
+    assert plan.entry_layers == (2, 4, 3) and plan.heterogeneous
+    assert list(plan.shared_layers) == [2, 3]
+    # every layer is held by the server or by every client that needs it before its cut
+    for c, entry in zip(plan.clients, plan.entry_layers):
+        assert sorted(set(c.layers) | {i for s in plan.server for i in s.layers if i >= entry}) == list(range(10))
+
+
+def test_equal_split_points_share_nothing():
+    plan = make_split_plan(num_blocks=4, client_layers=[2, 2], server_stages=1)
+    assert not plan.heterogeneous and list(plan.shared_layers) == []
 
 
 def test_centralized_plan_is_whole_model():

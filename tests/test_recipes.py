@@ -17,7 +17,7 @@ DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 def test_the_shipped_set_is_complete():
     names = {p.stem for p in RECIPES}
     assert {"tiny-cpu", "gpt2-e2e-cpu", "gpt2-small-e2e", "gpt2-medium-e2e", "gpt2-large-e2e",
-            "llama2-7b-alpaca", "llama3-8b-alpaca"} <= names
+            "llama2-7b-alpaca", "llama3-8b-alpaca", "hsplit-cpu", "hsplit-llama2-7b"} <= names
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
@@ -46,7 +46,8 @@ def rows(out):
     for line in out.splitlines():
         parts = line.split()
         if parts and parts[0].isdigit() and len(parts) >= 4:
-            table[parts[1]] = (" ".join(parts[2:-2]), int(parts[-2].replace(",", "")), int(parts[-1].replace(",", "")))
+            # columns: rank, role, layers..., LoRA r, params, trainable
+            table[parts[1]] = (" ".join(parts[2:-3]), int(parts[-2].replace(",", "")), int(parts[-1].replace(",", "")))
         if parts[:1] == ["whole"]:
             table["whole"] = ("", int(parts[-2].replace(",", "")), int(parts[-1].replace(",", "")))
     return table

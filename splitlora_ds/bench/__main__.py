@@ -3,6 +3,8 @@
 Runs each mode of one recipe (same model, data, LoRA, metrics), then writes DIR/results.json,
 DIR/results.md and PNG plots of validation loss against time and bytes. With `--devices FILE`
 the measured FLOPs and bytes also become simulated times on those devices and links.
+On a recipe with heterogeneous clients, `--modes split-weakest,hsplit,hetlora` compares
+SplitLoRA sized for the weakest client, HSplitLoRA and HetLoRA's zero-padding (bench/variants.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..errors import ConfigError
 from .latency import load_profile, simulate
 from .report import markdown, plot, time_to_target, write_json
 from .runs import collect, run_mode
+from .variants import VARIANTS, variant_overrides
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", required=True)
     p.add_argument("--modes", default="centralized,split,fedlora,sequential",
-                   help="comma-separated, from " + ", ".join(MODES) + " (centralized runs first: it sets the target)")
+                   help="comma-separated, from " + ", ".join(MODES) + " (centralized runs first: it sets the "
+                        "target), and on heterogeneous recipes " + ", ".join(VARIANTS))
     p.add_argument("--out", required=True, help="output folder (each mode's logs go to OUT/<mode>/)")
     p.add_argument("--target-loss", type=float, default=None,
                    help="validation loss to reach (default: the centralized run's final loss + 2%%)")
@@ -43,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        bad = [m for m in modes if m not in MODES]
+        bad = [m for m in modes if m not in MODES + VARIANTS]
         if bad or not modes:
-            raise ConfigError(f"--modes: unknown mode(s) {bad}; use {', '.join(MODES)}")
+            raise ConfigError(f"--modes: unknown mode(s) {bad}; use {', '.join(MODES + VARIANTS)}")
         modes.sort(key=lambda m: m != "centralized")  # its final loss is the default target
-        configs = {m: load_config(args.recipe, [*args.overrides, f"mode={m}"]) for m in modes}
+        sets = {m: [*args.overrides, *variant_overrides(m, args.recipe, args.overrides)] for m in modes}
+        configs = {m: load_config(args.recipe, sets[m]) for m in modes}
         for m, cfg in configs.items():
             if not (cfg.data.validation or cfg.data.validation_fraction):
                 raise ConfigError(f"{args.recipe}: the benchmark compares validation loss; set data.validation "
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         cfg = configs[m]
         print(f"[bench] {m}: {cfg.world_size} rank(s), {threads} thread(s) each ...", flush=True)
-        run = run_mode(cfg, args.recipe, args.overrides, out, threads, launcher, args.timeout)
+        run = run_mode(cfg, args.recipe, sets[m], out, threads, launcher, args.timeout, name=m)
         if run.returncode != 0:
             print(f"[bench] {m} failed (exit {run.returncode}); see {run.log_file}", file=sys.stderr)
             failed.append(m)

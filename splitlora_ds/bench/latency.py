@@ -90,18 +90,28 @@ class RoundWork:
     bytes_down: float = 0.0
     messages: float = 0.0  # one-way messages per client per round
     client_memory_bytes: float = 0.0
+    # Heterogeneous clients (per-client split points and ranks): each one's own figures; when
+    # set they replace client_flops / client_memory_bytes client by client.
+    per_client_flops: tuple[float, ...] = ()
+    per_client_memory_bytes: tuple[float, ...] = ()
+
+    def flops_of(self, client: int) -> float:
+        return self.per_client_flops[client] if self.per_client_flops else self.client_flops
+
+    def memory_of(self, client: int) -> float:
+        return self.per_client_memory_bytes[client] if self.per_client_memory_bytes else self.client_memory_bytes
 
 
-def client_seconds(work: RoundWork, device: Device) -> float:
+def client_seconds(work: RoundWork, device: Device, client: int = 0) -> float:
     """One client's compute plus transmission time in one round."""
-    compute = work.client_flops / (device.tflops * 1e12)
+    compute = work.flops_of(client) / (device.tflops * 1e12)
     transmit = work.bytes_up * 8 / (device.uplink_mbps * 1e6) + work.bytes_down * 8 / (device.downlink_mbps * 1e6)
     return compute + transmit + work.messages * device.latency_ms / 1e3
 
 
 def round_seconds(work: RoundWork, profile: Profile) -> float:
     server = work.server_flops / (profile.server.tflops * 1e12)
-    per_client = [client_seconds(work, profile.client(c)) for c in range(work.clients)]
+    per_client = [client_seconds(work, profile.client(c), c) for c in range(work.clients)]
     if work.mode == "centralized":
         return server
     if work.mode == "fedlora":
@@ -116,11 +126,11 @@ def round_seconds(work: RoundWork, profile: Profile) -> float:
 
 def memory_misfits(work: RoundWork, profile: Profile) -> list[str]:
     """Client devices whose memory is below what a client of this mode measured."""
-    if work.mode == "centralized" or not work.client_memory_bytes:
+    if work.mode == "centralized" or not (work.client_memory_bytes or work.per_client_memory_bytes):
         return []
     return [f"client{c} ({profile.client(c).name}: {profile.client(c).memory_gb:g} GB < "
-            f"{work.client_memory_bytes / 1e9:.2f} GB)" for c in range(work.clients)
-            if profile.client(c).memory_gb * 1e9 < work.client_memory_bytes]
+            f"{work.memory_of(c) / 1e9:.2f} GB)" for c in range(work.clients)
+            if profile.client(c).memory_gb * 1e9 < work.memory_of(c)]
 
 
 def simulate(works: Sequence[RoundWork], rounds: Sequence[float], profile: Profile) -> list[dict]:

@@ -73,11 +73,13 @@ class ModeRun:
 
 
 def run_mode(cfg: RunConfig, recipe: str, overrides: list[str], out_dir: Path, threads: int,
-             launcher_args: list[str], timeout: Optional[float] = None) -> ModeRun:
+             launcher_args: list[str], timeout: Optional[float] = None, name: Optional[str] = None) -> ModeRun:
     """Run one mode to completion; its console goes to out_dir/<mode>/log.txt. A launch that
     cannot start or runs past `timeout` comes back as a failed run (returncode != 0), never as
-    an exception, so the other modes still run."""
-    mode_dir = out_dir / cfg.mode
+    an exception, so the other modes still run. `name`: the run's label and folder (a variant
+    such as hsplit); `overrides` must then hold the variant's settings (cfg is built from them)."""
+    name = name or cfg.mode
+    mode_dir = out_dir / name
     log_dir = mode_dir / "tb"
     if log_dir.exists():
         shutil.rmtree(log_dir)  # a rerun must not mix its curves with an earlier run's
@@ -96,8 +98,8 @@ def run_mode(cfg: RunConfig, recipe: str, overrides: list[str], out_dir: Path, t
             log.write(f"splitlora_ds.bench: {e}\n")
         except subprocess.TimeoutExpired:
             returncode = 124  # subprocess.run has killed the launcher; its ranks time out on their own
-            log.write(f"splitlora_ds.bench: {cfg.mode} ran past --timeout {timeout} s\n")
-    return ModeRun(cfg.mode, str(log_dir), cmd, returncode, time.perf_counter() - t0, str(log_file))
+            log.write(f"splitlora_ds.bench: {name} ran past --timeout {timeout} s\n")
+    return ModeRun(name, str(log_dir), cmd, returncode, time.perf_counter() - t0, str(log_file))
 
 
 @dataclass
@@ -144,7 +146,7 @@ def collect(cfg: RunConfig, run: ModeRun) -> ModeResult:
               "bytes": traffic.get(step, 0.0), "loss": loss}
              for step, loss in read_scalars(main, "eval/loss")]
 
-    result = ModeResult(cfg.mode, cfg.federation.clients, per_round, run.wall_seconds,
+    result = ModeResult(run.mode, cfg.federation.clients, per_round, run.wall_seconds,
                         main_summary["train_seconds"], main_summary["train_seconds"] / max(main_summary["steps"], 1),
                         main_summary["tokens"] / max(main_summary["train_seconds"], 1e-9), curve)
     if curve:
@@ -168,7 +170,11 @@ def _client_figures(summaries: list[dict]) -> dict:
             "flops_per_step": mean("flops_per_step"),
             "bytes_sent_per_step": mean("bytes_sent", True), "bytes_received_per_step": mean("bytes_received", True),
             "peak_rss_bytes": max(s["peak_rss_bytes"] for s in summaries),
-            "cuda_max_allocated_bytes": max(s["cuda_max_allocated_bytes"] for s in summaries)}
+            "rss_before_model_bytes": max(s.get("rss_before_model_bytes", 0) for s in summaries),
+            "cuda_max_allocated_bytes": max(s["cuda_max_allocated_bytes"] for s in summaries),
+            # client by client, in client order (they differ when clients are heterogeneous)
+            "per_client_flops_per_step": [s["flops_per_step"] for s in summaries],
+            "per_client_memory_bytes": [s["cuda_max_allocated_bytes"] or s["peak_rss_bytes"] for s in summaries]}
 
 
 def _server_figures(summaries: list[dict], steps_per_round: int) -> dict:
@@ -184,6 +190,7 @@ def _server_figures(summaries: list[dict], steps_per_round: int) -> dict:
             "positions": summaries[0]["positions"],  # padded positions the first stage ran
             "tokens": tokens,
             "peak_rss_bytes": max(s["peak_rss_bytes"] for s in summaries),
+            "rss_before_model_bytes": max(s.get("rss_before_model_bytes", 0) for s in summaries),
             "cuda_max_allocated_bytes": max(s["cuda_max_allocated_bytes"] for s in summaries)}
 
 
@@ -194,6 +201,9 @@ def _round_work(cfg: RunConfig, r: ModeResult) -> RoundWork:
     messages = {"split": 2 + 2 / every, "sequential": 2 + 1 / every, "fedlora": 2 / every}.get(cfg.mode, 0.0)
     client, server = r.client or {}, r.server or {}
     memory = client.get("cuda_max_allocated_bytes") or client.get("peak_rss_bytes", 0)
+    flops, memories = client.get("per_client_flops_per_step", []), client.get("per_client_memory_bytes", [])
+    hetero = len(set(flops)) > 1  # heterogeneous clients: each device gets its own client's work
     return RoundWork(cfg.mode, cfg.federation.clients, client.get("flops_per_step", 0.0),
                      server.get("flops_per_round", 0.0), client.get("bytes_sent_per_step", 0.0),
-                     client.get("bytes_received_per_step", 0.0), messages, memory)
+                     client.get("bytes_received_per_step", 0.0), messages, memory,
+                     tuple(flops) if hetero else (), tuple(memories) if hetero else ())

@@ -41,6 +41,7 @@ def inject_lora(
     target_modules: Sequence[str],
     fan_in_fan_out: bool,
     rank_multiplier: Optional[dict[str, int]] = None,
+    module_ranks: Optional[dict[str, int]] = None,
 ) -> list[str]:
     """Add LoRA adapters to the matching modules of `layer`; freeze everything else.
 
@@ -51,13 +52,15 @@ def inject_lora(
     targets = _as_list(target_modules)
     names = [n for n in adaptable_modules(layer) if any(_matches(n, t) for t in targets)]
     if names:
+        # module_ranks {name: r}: per-module ranks (heterogeneous clients, lora.rank_pattern)
+        ranks = {n: (module_ranks or {}).get(n, rank) for n in names}
         # rank_multiplier {suffix: m}: those modules get rank m*r and alpha m*alpha, so their
         # scaling alpha/r is unchanged (fused projections carry one r-block per slice).
         mult = {n: m for n in names for t, m in (rank_multiplier or {}).items() if _matches(n, t)}
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
-            rank_pattern={f"^{re.escape(n)}$": rank * m for n, m in mult.items()},
+            rank_pattern={f"^{re.escape(n)}$": ranks[n] * mult.get(n, 1) for n in names if ranks[n] * mult.get(n, 1) != rank},
             alpha_pattern={f"^{re.escape(n)}$": alpha * m for n, m in mult.items()},
             lora_dropout=dropout,
             target_modules=names,  # exact names: never lets peft hit a non-adaptable container
@@ -83,15 +86,23 @@ def build_lora_layer(
     target_modules: Sequence[str],
     fan_in_fan_out: bool,
     rank_multiplier: Optional[dict[str, int]] = None,
+    rank_pattern: Optional[dict[str, int]] = None,
 ) -> tuple[nn.Module, list[str]]:
     """build_layer + inject_lora, both seeded from (seed, spec.index): two processes get
     bit-identical base and adapter weights. Load pretrained weights afterwards if needed
-    (load_layer_weights understands peft's wrapped names)."""
+    (load_layer_weights understands peft's wrapped names). `rank_pattern` {regex: rank} is searched
+    in each module's global name "layers.<index>.<module path>" (lora.rank_pattern)."""
     with seeded_build(seed, spec.index):
         layer = spec.build()
+    module_ranks = {}
+    for pattern, r in (rank_pattern or {}).items():
+        for n in adaptable_modules(layer):
+            if n not in module_ranks and re.search(pattern, f"layers.{spec.index}.{n}"):
+                module_ranks[n] = r
     # separate stream so adapter init does not depend on how many draws the base init made
     with seeded_build(seed, spec.index, "lora"):
-        names = inject_lora(layer, rank, alpha, dropout, target_modules, fan_in_fan_out, rank_multiplier)
+        names = inject_lora(layer, rank, alpha, dropout, target_modules, fan_in_fan_out, rank_multiplier,
+                            module_ranks)
     return layer, names
 
 

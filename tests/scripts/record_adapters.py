@@ -1,5 +1,5 @@
-"""Runs splitlora_ds.train and records each client's adapters after every optimizer step and
-every averaging or hand-over (tests/test_federation.py, tests/test_sequential.py read them)."""
+"""Runs splitlora_ds.train and records each rank's adapters after every optimizer step and
+every averaging or hand-over (tests/test_federation.py, test_sequential.py, test_hetero.py)."""
 
 import sys
 
@@ -21,11 +21,10 @@ snapshots = {}
 def record(step, instruction, runner):
     tag = {S.OptimizerStep: "opt", S.AverageAdapters: "avg", S.SendAdapters: "sent",
            S.RecvAdapters: "recv"}.get(type(instruction))
-    if runner.role.is_client and tag:
+    if tag:
         for name, p in runner.stage.adapter_parameters().items():
             snapshots[f"{step}/{tag}/{name}"] = p.detach().clone()
 
 
 train(prep, observers=[record])
-if prep.role.is_client:
-    save_file(snapshots, f"{out_dir}/{prep.role.name}.safetensors")
+save_file(snapshots, f"{out_dir}/{prep.role.name}.safetensors")
