@@ -30,8 +30,8 @@ from .config import RunConfig, from_dict
 from .data import load_tokenizer
 from .schedule import is_aggregation_step
 from .errors import ConfigError
-from .hetero.aggregation import Factors, aggregate
-from .hetero.exchange import layer_of
+from .hetero.aggregation import aggregate_state_dicts, factor_names
+from .hetero.exchange import participant_weights
 from .hetero.setup import ClientSetup, resolve_setup
 from .models import get_family
 from .models.base import build_layer, strip_peft
@@ -60,39 +60,24 @@ def heterogeneous_adapters(directory: Path, meta: dict, cfg: RunConfig, setup: C
     (exactly, or its best approximation at that rank): the highest-rank holder's factors are the
     model. Between aggregations the holders are combined first, as the next aggregation would."""
     roles = meta["roles"]
-    states = {r: load_file(str(directory / f"{r}.safetensors")) for r in roles}
-    client_weights = sample_weights(meta["sample_counts"])
-    entry = [k + 1 for k in setup.client_layers]
+    states = [load_file(str(directory / f"{r}.safetensors")) for r in roles]
+    names = [factor_names(sd) for sd in states]
     aggregated = is_aggregation_step(meta["step"] - 1, cfg.federation.aggregate_every,
                                      meta.get("run_steps", cfg.train.max_steps))
+    if not aggregated:
+        client_weights = sample_weights(meta["sample_counts"])
+        entry = [k + 1 for k in setup.client_layers]
+        weights = [participant_weights(n, int(r[len("client"):]) if r.startswith("client") else None, client_weights,
+                                       entry) for r, n in zip(roles, names)]
+        scales = [{m: cfg.lora.alpha / sd[a].shape[0] for m, (a, _b) in n.items()} for sd, n in zip(states, names)]
+        states = aggregate_state_dicts(states, weights, scales, setup.aggregation)
     out: dict[str, torch.Tensor] = {}
-    modules = sorted({n.split(".lora_")[0] for sd in states.values() for n in sd})
-    for module in modules:
-        held = {r: _factors(states[r], module) for r in roles if _factors(states[r], module) is not None}
-        top = max(held, key=lambda r: held[r][0].shape[0])  # the highest rank (first such role on ties)
-        A, B = held[top][:2]
-        if len(held) > 1 and not aggregated:
-            weights = participant_weights_for(held, module, client_weights, entry)
-            parts = [Factors(a, b, cfg.lora.alpha / a.shape[0]) for a, b, _ in held.values()]
-            new = aggregate(parts, weights, setup.aggregation)[list(held).index(top)]
-            A, B = new.A, new.B
-        a_name, b_name = held[top][2]
-        out[a_name], out[b_name] = A, B
+    for module in sorted(set().union(*names)):
+        holders = [i for i, n in enumerate(names) if module in n]
+        top = max(holders, key=lambda i: states[i][names[i][module][0]].shape[0])  # first of the highest rank
+        for key in names[top][module]:
+            out[key] = states[top][key]
     return out
-
-
-def _factors(state: dict[str, torch.Tensor], module: str):
-    for a, b in ((f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"),
-                 (f"{module}.lora_embedding_A.default", f"{module}.lora_embedding_B.default")):
-        if a in state:
-            return state[a], state[b], (a, b)
-    return None
-
-
-def participant_weights_for(held: dict, module: str, client_weights: list[float], entry: list[int]) -> list[float]:
-    layer = layer_of(module)
-    return [client_weights[int(r.removeprefix("client"))] if r.startswith("client")
-            else sum(w for w, e in zip(client_weights, entry) if e <= layer) for r in held]
 
 
 def base_model(cfg: RunConfig, family, hf_config) -> PreTrainedModel:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from splitlora_ds.aggregation import fedavg
-from splitlora_ds.hetero.aggregation import Factors, aggregate, refactor, stack, zero_pad
+from splitlora_ds.hetero.aggregation import Factors, aggregate, aggregate_state_dicts, refactor, stack, zero_pad
 
 
 def _parts(ranks, d_out=12, d_in=10, alpha=16.0, seed=0):
@@ -107,3 +107,43 @@ def test_errors_name_the_problem():
         stack(a + b, [0.5, 0.5])
     with pytest.raises(ValueError, match="unknown aggregation method"):
         aggregate(a, [1.0], "mean")
+
+
+def _sd(module, f):
+    return {f"{module}.lora_A.default.weight": f.A, f"{module}.lora_B.default.weight": f.B}
+
+
+def test_state_dicts_combine_each_module_over_its_holders():
+    # client0 holds layer 1; client1 layers 1 and 2; the server layer 2 (for client0) and 3
+    (c0_l1,), (c1_l1, c1_l2), (s_l2, s_l3) = _parts([2], d_in=16), _parts([4, 4], d_in=16, seed=1), _parts([8, 8], d_in=16, seed=2)
+    m1, m2, m3 = "layers.1.attn.c_attn", "layers.2.attn.c_attn", "layers.3.attn.c_attn"
+    states = [_sd(m1, c0_l1), {**_sd(m1, c1_l1), **_sd(m2, c1_l2)}, {**_sd(m2, s_l2), **_sd(m3, s_l3)}]
+    weights = [{m1: 0.25}, {m1: 0.75, m2: 0.75}, {m2: 0.25, m3: 1.0}]
+    scales = [{m1: c0_l1.scale}, {m1: c1_l1.scale, m2: c1_l2.scale}, {m2: s_l2.scale, m3: s_l3.scale}]
+    out = aggregate_state_dicts(states, weights, scales, "stacked")
+    assert [sorted(o) for o in out] == [sorted(s) for s in states]  # each keeps its modules and ranks
+    for o, f in ((out[1], c1_l1), (out[0], c0_l1)):
+        assert o[f"{m1}.lora_A.default.weight"].shape == f.A.shape
+    # layer 2: client1 (rank 4) and the server (rank 8) hold it; the server gets the best rank-8
+    # approximation of the weighted sum (rank up to 12)
+    target2 = 0.75 * c1_l2.delta() + 0.25 * s_l2.delta()
+    got2 = s_l2.scale * out[2][f"{m2}.lora_B.default.weight"].double() @ out[2][f"{m2}.lora_A.default.weight"].double()
+    U, S, Vh = torch.linalg.svd(target2)
+    torch.testing.assert_close(got2, (U[:, :8] * S[:8]) @ Vh[:8], atol=1e-4, rtol=1e-4)
+    # a module with one holder of weight 1 comes back as the same update
+    got3 = s_l3.scale * out[2][f"{m3}.lora_B.default.weight"].double() @ out[2][f"{m3}.lora_A.default.weight"].double()
+    torch.testing.assert_close(got3, s_l3.delta(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="holders' weights add up to 0.500000"):
+        aggregate_state_dicts(states, [{m1: 0.25}, {m1: 0.25, m2: 0.75}, {m2: 0.25, m3: 1.0}], scales)
+
+
+def test_state_dicts_with_equal_ranks_and_splits_are_fedavg():
+    parts = _parts([4, 4, 4])
+    m = "layers.1.attn.c_attn"
+    states = [_sd(m, p) for p in parts]
+    w = [0.5, 0.3, 0.2]
+    expected = fedavg(states, w)
+    for method in ("fedavg", "zero_pad"):
+        for o in aggregate_state_dicts(states, [{m: x} for x in w], [{m: p.scale} for p in parts], method):
+            for k in expected:
+                torch.testing.assert_close(o[k], expected[k], atol=1e-6, rtol=0)

@@ -65,3 +65,14 @@ def test_gradients_reach_every_clients_rows():
     assert shared.grad is None or float(shared.grad.abs().sum()) == 0.0  # B = 0 at init: no A gradient
     b = server.layers["2"].block.attn.c_attn.lora_B.default.weight
     assert float(b.grad.abs().sum()) > 0
+
+
+def test_per_client_and_per_module_ranks():
+    lora = LoraConfig(rank=[2, 4], target_modules=["c_attn", "c_fc"], rank_pattern={r"layers\.1\..*c_fc": 6})
+    plan = make_split_plan(L, [2, 2], server_stages=1)
+    stage = build_stage(get_family("gpt2"), tiny_config("gpt2"), plan.clients[1], lora, seed=3, rank=4)
+    ranks = {n.split(".lora_A")[0]: p.shape[0] for n, p in stage.named_parameters() if ".lora_A." in n}
+    assert ranks == {"layers.1.block.attn.c_attn": 4, "layers.1.block.mlp.c_fc": 6,
+                     "layers.2.block.attn.c_attn": 4, "layers.2.block.mlp.c_fc": 4}
+    scaling = dict(stage.named_modules())["layers.1.block.mlp.c_fc"].scaling["default"]
+    assert scaling == pytest.approx(lora.alpha / 6)

@@ -19,8 +19,9 @@ s_p (peft's alpha / r), so its update is dW_p = s_p B_p A_p; its aggregation wei
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -116,4 +117,43 @@ def aggregate(parts: Sequence[Factors], weights: Sequence[float], method: str = 
     for p in parts:
         A, B = refactor(A_s, B_s, p.rank, p.scale)
         out.append(Factors(A.to(p.A.dtype), B.to(p.B.dtype), p.scale))
+    return out
+
+
+# peft's parameter names: "<module>.lora_A.default.weight" (Linear, Conv1D) or
+# "<module>.lora_embedding_A.default" (Embedding, whose update is (B A)^T: the same arithmetic).
+_A_NAME = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?A\.default(?P<w>\.weight)?$")
+
+
+def factor_names(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
+    """{module: (A key, B key)} of the LoRA factors in a state dict."""
+    out = {}
+    for key in state:
+        m = _A_NAME.match(key)
+        if m is not None:
+            out[m["module"]] = (key, f"{m['module']}.lora_{m['emb'] or ''}B.default{m['w'] or ''}")
+    return out
+
+
+def aggregate_state_dicts(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[Mapping[str, float]],
+                          scales: Sequence[Mapping[str, float]], method: str = "stacked") -> list[dict[str, torch.Tensor]]:
+    """Every participant's new LoRA state dict. Participant p holds the modules in states[p]
+    (its own subset, at its own ranks), weighs module m by weights[p][m] and scales it by
+    scales[p][m]; each module is combined over the participants holding it (their weights must
+    add up to 1), and each gets the result at its own rank."""
+    if not len(states) == len(weights) == len(scales):
+        raise ValueError(f"need one weight map and one scale map per state dict, got {len(states)}, "
+                         f"{len(weights)} and {len(scales)}")
+    names = [factor_names(s) for s in states]
+    out: list[dict[str, torch.Tensor]] = [{} for _ in states]
+    for module in sorted(set().union(*names)):
+        holders = [p for p in range(len(states)) if module in names[p]]
+        w = [weights[p][module] for p in holders]
+        if abs(sum(w) - 1.0) > 1e-6:
+            raise ValueError(f"{module}: its holders' weights add up to {sum(w):.6f}, not 1")
+        parts = [Factors(states[p][names[p][module][0]], states[p][names[p][module][1]], scales[p][module])
+                 for p in holders]
+        for p, new in zip(holders, aggregate(parts, w, method)):
+            a_key, b_key = names[p][module]
+            out[p][a_key], out[p][b_key] = new.A, new.B
     return out

@@ -1,6 +1,6 @@
 """The collective side of heterogeneous aggregation: every participant (the clients, and server
 stage 0 for the blocks it holds on behalf of clients that cut earlier) gathers every other
-participant's factors and computes its own new ones with `aggregation.aggregate`.
+participant's factors and computes its own new ones with `aggregation.aggregate_state_dicts`.
 
 Participants may hold different modules and ranks, so the factors travel as an all_gather of
 Python objects (CPU tensors), not as one flat all-reduce. Every participant runs the same
@@ -9,7 +9,6 @@ deterministic arithmetic on the same gathered inputs, so shared results agree ac
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, Optional
 
 import torch
@@ -17,25 +16,15 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
-from .aggregation import Factors, aggregate
-
-# peft's parameter names: "<module>.lora_A.default.weight" (Linear, Conv1D) or
-# "<module>.lora_embedding_A.default" (Embedding, whose update is (B A)^T: the same arithmetic).
-_A = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?A\.default(?P<w>\.weight)?$")
+from .aggregation import aggregate_state_dicts, factor_names
 
 
 def lora_modules(stage: nn.Module) -> dict[str, tuple[nn.Parameter, nn.Parameter, float]]:
     """{module name: (A, B, scaling)} of every trainable LoRA adapter in `stage`."""
     params = dict(stage.named_parameters())
     modules = dict(stage.named_modules())
-    out = {}
-    for name, p in params.items():
-        m = _A.match(name)
-        if m is None or not p.requires_grad:
-            continue
-        b_name = f"{m['module']}.lora_{m['emb'] or ''}B.default{m['w'] or ''}"
-        out[m["module"]] = (p, params[b_name], float(modules[m["module"]].scaling["default"]))
-    return out
+    return {m: (params[a], params[b], float(modules[m].scaling["default"]))
+            for m, (a, b) in factor_names(params).items() if params[a].requires_grad}
 
 
 def layer_of(module: str) -> int:
@@ -59,22 +48,21 @@ def participant_weights(modules: Mapping[str, object], client: Optional[int], cl
 @torch.no_grad()
 def exchange_(stage: nn.Module, weights: Mapping[str, float], modules: set[str], method: str,
               group: Optional[dist.ProcessGroup]) -> int:
-    """Aggregate the adapters of `modules` with every participant of `group`, in place.
+    """Aggregate the adapters of `modules` with every participant of `group`, in place
+    (`aggregation.aggregate_state_dicts` over the gathered state dicts).
     Returns the bytes of this participant's own adapters (what it uploads, and downloads back)."""
     own = {name: v for name, v in lora_modules(stage).items() if name in modules}
-    mine = {name: (A.detach().cpu(), B.detach().cpu(), scale, weights[name]) for name, (A, B, scale) in own.items()}
-    gathered: list[dict] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
+    params = dict(stage.named_parameters())
+    keys = factor_names(params)
+    state = {key: params[key].detach().cpu() for name in own for key in keys[name]}
+    mine = (state, {m: weights[m] for m in own}, {m: scale for m, (_A, _B, scale) in own.items()})
+    gathered: list[tuple] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
     dist.all_gather_object(gathered, mine, group=group)
-    me = dist.get_rank(group)
-    nbytes = 0
-    for name, (A, B, _scale) in own.items():
-        holders = [(i, g[name]) for i, g in enumerate(gathered) if name in g]
-        total = sum(h[3] for _, h in holders)
-        if abs(total - 1.0) > 1e-6:
-            raise ConfigError(f"aggregation of {name}: its holders' weights add up to {total:.6f}, not 1")
-        parts = [Factors(a, b, s) for _, (a, b, s, _w) in holders]
-        new = aggregate(parts, [h[3] for _, h in holders], method)[[i for i, _ in holders].index(me)]
-        A.copy_(new.A.to(A.dtype))
-        B.copy_(new.B.to(B.dtype))
-        nbytes += A.numel() * A.element_size() + B.numel() * B.element_size()
-    return nbytes
+    try:
+        new = aggregate_state_dicts(*zip(*gathered), method=method)[dist.get_rank(group)]
+    except ValueError as e:
+        raise ConfigError(f"aggregation: {e}") from e
+    for key, value in new.items():
+        params[key].copy_(value.to(params[key].dtype))
+    return sum(params[k].numel() * params[k].element_size() for k in new)
+
