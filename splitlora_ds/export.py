@@ -32,7 +32,7 @@ from .schedule import is_aggregation_step
 from .errors import ConfigError
 from .hetero.aggregation import aggregate_state_dicts, factor_names
 from .hetero.exchange import participant_weights
-from .hetero.setup import ClientSetup, resolve_setup
+from .hetero.setup import ClientSetup, setup_from_dict
 from .models import get_family
 from .models.base import build_layer, strip_peft
 
@@ -119,7 +119,9 @@ def export(checkpoint: str, out: str, merge: bool = False) -> Path:
     cfg = from_dict(RunConfig, meta["config"], prefix="")
     family = get_family(cfg.model.family)
     hf_config = family.load_config(cfg.model.pretrained, cfg.model.config, cfg.model.attn_implementation)
-    setup = resolve_setup(cfg, family, hf_config) if cfg.mode == "split" else None
+    # The split points and ranks the run trained with (a budget plan depends on its ds_config,
+    # which need not exist where the export runs).
+    setup = setup_from_dict(meta["setup"]) if meta.get("setup") else None
     if setup is not None and setup.exchanges:
         adapters = heterogeneous_adapters(directory, meta, cfg, setup)
     else:

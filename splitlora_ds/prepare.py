@@ -62,7 +62,7 @@ class Prepared:
     def lora_rank(self) -> int:
         """This role's LoRA rank."""
         if self.setup is None:
-            return self.cfg.lora.server_rank_or_default()
+            return self.cfg.lora.rank  # centralized and fedlora take one rank (config.py checks)
         return self.setup.client_ranks[self.role.index] if self.role.is_client else self.setup.server_rank
 
 
@@ -86,8 +86,7 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
 
     setup = None
     if cfg.mode in ("split", "sequential"):
-        half = any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
-        setup = resolve_setup(cfg, family, hf_config, weight_bytes=2 if half else 4)
+        setup = resolve_setup(cfg, family, hf_config, ds_config)
         plan = make_split_plan(num_blocks, list(setup.client_layers),
                                topology.server_stages, cfg.split.partition_method,
                                _block_weights(family, hf_config) if cfg.split.partition_method == "parameters" else None)

@@ -104,7 +104,8 @@ def build_stage(family: ModelFamily, hf_config, plan: StagePlan, lora: LoraConfi
     """`rank`: this role's LoRA rank (heterogeneous clients); default lora.rank (the server's rank
     when lora.rank is a per-client list)."""
     specs = family.layer_specs(hf_config)
-    rank = rank if rank is not None else lora.server_rank_or_default()
+    if rank is None:
+        rank = lora.rank if isinstance(lora.rank, int) else lora.server_rank_or_default()
     targets = lora.target_modules or list(family.default_target_modules)
     layers = {}
     pinned = 0

@@ -3,6 +3,7 @@ DeepSpeed engine, runs the step and evaluation instructions, logs, checkpoints a
 
 from __future__ import annotations
 
+import dataclasses
 import logging as std_logging
 import math
 import os
@@ -206,7 +207,8 @@ def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, s
         ckpt.write_meta(directory, {"format": 1, "step": steps_done, "run_steps": prep.schedule.steps,
                                     "config": cfg.to_dict(), "roles": roles,
                                     "world": {"clients": layout.clients, "server_stages": layout.server_stages},
-                                    "sample_counts": sample_counts})
+                                    "sample_counts": sample_counts,
+                                    "setup": dataclasses.asdict(prep.setup) if prep.setup is not None else None})
         ckpt.prune(cfg.checkpoint.dir, cfg.checkpoint.keep)
     dist.barrier()  # nobody races ahead into a checkpoint that is still being pruned
     return str(directory)

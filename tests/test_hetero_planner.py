@@ -17,6 +17,7 @@ from _launch import ROOT
 # A LLaMA-2-7B-shaped model (32 blocks x 4096, 32 heads) with LoRA on q_proj and v_proj.
 LLAMA7B = ModelCosts(num_blocks=32, embed_params=32000 * 4096, block_params=202_383_360,
                      lora_params_per_rank_embed=0, lora_params_per_rank_block=2 * (4096 + 4096), hidden=4096, heads=32)
+FP32 = {"optimizer": {"type": "AdamW"}}  # a ds_config without bf16/fp16
 BF16 = Workload(batch_size=1, seq_len=512, weight_bytes=2, act_bytes=2)
 
 
@@ -100,16 +101,16 @@ def test_resolve_setup_from_budgets_and_from_lists():
     cfg = load_config(recipe, ["federation.clients=3", "split.client_layers=3",
                                "federation.budgets=[{memory_gb: 0.07}, {flops: 1}, {flops: 3}]"])
     hf = family.load_config(None, cfg.model.config, "sdpa")
-    setup = resolve_setup(cfg, family, hf)
+    setup = resolve_setup(cfg, family, hf, FP32)
     assert setup.client_layers == (1, 1, 3) and setup.plan_text and "client2" in setup.plan_text
     cfg = load_config(recipe, ["federation.clients=2", "split.client_layers=[1,3]", "lora.rank=[4,8]"])
-    setup = resolve_setup(cfg, family, hf)
+    setup = resolve_setup(cfg, family, hf, FP32)
     assert (setup.client_layers, setup.client_ranks, setup.server_rank, setup.aggregation) == ((1, 3), (4, 8), 8, "stacked")
     cfg = load_config(recipe, ["federation.clients=2", "split.client_layers=[1,3]"])
-    assert resolve_setup(cfg, family, hf).aggregation == "fedavg"  # one rank everywhere: FedAvg still applies
+    assert resolve_setup(cfg, family, hf, FP32).aggregation == "fedavg"  # one rank everywhere: FedAvg still applies
     cfg = load_config(recipe, ["federation.clients=2", "lora.rank=[4,8]", "federation.aggregation=fedavg"])
     with pytest.raises(ConfigError, match="federation.aggregation: fedavg averages factors of one rank"):
-        resolve_setup(cfg, family, hf)
+        resolve_setup(cfg, family, hf, FP32)
 
 
 def test_config_rejects_mixed_budgets_and_lists():
@@ -140,3 +141,12 @@ def test_bench_variants_of_a_heterogeneous_recipe():
     assert variant_overrides("fedlora", recipe, []) == ["mode=fedlora"]
     with pytest.raises(ConfigError, match="unknown run 'hsplitt'"):
         variant_overrides("hsplitt", recipe, [])
+
+
+def test_half_precision_ds_configs_plan_with_two_byte_weights():
+    cfg = load_config(ROOT / "recipes" / "hsplit-llama2-7b.yaml", ["federation.budgets=[{memory_gb: 5}, {memory_gb: 10}, {memory_gb: 20}]"])
+    family = get_family("llama")
+    hf = family.load_config(cfg.model.pretrained, cfg.model.config, "sdpa", offline_known=True)
+    bf16 = resolve_setup(cfg, family, hf, {"bf16": {"enabled": True}})
+    fp32 = resolve_setup(cfg, family, hf, FP32)
+    assert all(b > f for b, f in zip(bf16.client_layers, fp32.client_layers))

@@ -11,6 +11,7 @@ Each is mode=split plus overrides, so it runs, logs and reports like any mode.
 from __future__ import annotations
 
 from ..config import MODES, load_config
+from ..ds_config import load_ds_config
 from ..errors import ConfigError
 from ..hetero.setup import resolve_setup
 from ..models import get_family
@@ -31,7 +32,7 @@ def variant_overrides(name: str, recipe: str, overrides: list[str]) -> list[str]
         family = get_family(cfg.model.family)
         hf_config = family.load_config(cfg.model.pretrained, cfg.model.config, cfg.model.attn_implementation,
                                        offline_known=True)
-        setup = resolve_setup(cfg, family, hf_config)
+        setup = resolve_setup(cfg, family, hf_config, load_ds_config(cfg.deepspeed_config))
         return ["mode=split", f"split.client_layers={min(setup.client_layers)}", f"lora.rank={min(setup.client_ranks)}",
                 "lora.server_rank=null", "federation.budgets=null", "federation.aggregation=fedavg",
                 "importance.replan_threshold=null"]

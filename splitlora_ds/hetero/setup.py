@@ -61,8 +61,10 @@ def model_costs(family, hf_config, target_modules: list[str]) -> ModelCosts:
                       hf_config.hidden_size, hf_config.num_attention_heads)
 
 
-def resolve_setup(cfg: RunConfig, family, hf_config, weight_bytes: int = 4) -> ClientSetup:
+def resolve_setup(cfg: RunConfig, family, hf_config, ds_config: dict) -> ClientSetup:
+    """`ds_config`: the run's DeepSpeed config (bf16/fp16 halve the planner's weight bytes)."""
     c = cfg.federation.clients
+    weight_bytes = 2 if any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")) else 4
     lora, split, fed = cfg.lora, cfg.split, cfg.federation
     plan_text = None
     if fed.budgets is not None:
@@ -89,3 +91,9 @@ def resolve_setup(cfg: RunConfig, family, hf_config, weight_bytes: int = 4) -> C
         raise ConfigError(f"federation.aggregation: fedavg averages factors of one rank, but adapters are held at "
                           f"ranks {sorted(holder_ranks)}; use stacked (exact) or zero_pad (HetLoRA)")
     return ClientSetup(layers, ranks, server_rank, method, plan_text)
+
+
+def setup_from_dict(d: dict) -> ClientSetup:
+    """The inverse of dataclasses.asdict (checkpoints record the setup the run trained with)."""
+    return ClientSetup(tuple(d["client_layers"]), tuple(d["client_ranks"]), d["server_rank"], d["aggregation"],
+                       d.get("plan_text"))
