@@ -257,10 +257,10 @@ class StageRunner:
         self.labels = torch.cat(labels)
         self.sizes = torch.cat([b[3] for b in bundles])
         if self.entry_layers is not None and self.role.index == 0:
+            # On the CPU: the stage reads row counts from it per layer (see Stage.forward).
             clients = [self.topology.role_of(src).index for src in ins.srcs]
-            self.row_entry = torch.repeat_interleave(
-                torch.tensor([self.entry_layers[c] for c in clients], device=self.device),
-                torch.tensor([h.shape[0] for h, *_ in bundles], device=self.device))
+            self.row_entry = torch.repeat_interleave(torch.tensor([self.entry_layers[c] for c in clients]),
+                                                     torch.tensor([h.shape[0] for h, *_ in bundles]))
         if self.role.index == 0 and len(ins.srcs) < self.topology.clients:
             # Serving some clients only (sequential): rows per client index, 0 for the others,
             # so the per-client figures downstream name the right client.

@@ -42,24 +42,28 @@ class Stage(nn.Module):
         """`score_index`: flat (batch x time) positions the head projects (see
         models.base.scored_positions); None: every position, logits [B, T, V].
 
-        `row_entry` (heterogeneous split points): per row, the layer index its activations enter
-        at; a row skips this stage's layers before that (its client ran them). Rows are sorted
-        by entry inside, so the rows running a layer are always a prefix, and put back in their
-        given order as soon as every row is in; outputs come back in the input's row order."""
-        if row_entry is None or bool((row_entry <= self.plan.start).all()):
+        `row_entry` (heterogeneous split points, a CPU tensor): per row, the layer index its
+        activations enter at; a row skips this stage's layers before that (its client ran them).
+        Rows are sorted by entry inside, so the rows running a layer are always a prefix, and put
+        back in their given order as soon as every row is in; outputs come back in the input's
+        row order. The row counts are worked out on the CPU: no device sync per layer."""
+        if row_entry is None or int(row_entry.max()) <= self.plan.start:
             ctx = self._context(attention_mask, score_index)
             for layer in self.layers.values():
                 x = layer(x, ctx)
             return x
         order = torch.argsort(row_entry, stable=True)
-        entry, x, mask = row_entry[order], x[order], attention_mask[order]
+        entry = row_entry[order].tolist()
+        restore = torch.argsort(order).to(x.device)
+        order = order.to(x.device)
+        x, mask = x[order], attention_mask[order]
         contexts: dict[int, dict] = {}
         sorted_rows = True
         for index, layer in self.layers.items():
-            n = int((entry <= int(index)).sum())
+            n = sum(e <= int(index) for e in entry)
             if sorted_rows and n == x.shape[0]:
                 # every row is in: back to the given order (the head's score_index refers to it)
-                x = x[torch.argsort(order)]
+                x = x[restore]
                 mask, sorted_rows = attention_mask, False
                 contexts.clear()
             if n == 0:
@@ -67,7 +71,7 @@ class Stage(nn.Module):
             if n not in contexts:
                 contexts[n] = self._context(mask[:n], score_index)
             x = layer(x, contexts[n]) if n == x.shape[0] else torch.cat([layer(x[:n], contexts[n]), x[n:]])
-        return x[torch.argsort(order)] if sorted_rows else x
+        return x[restore] if sorted_rows else x
 
     def _context(self, attention_mask: torch.Tensor, score_index: Optional[torch.Tensor]) -> dict:
         ctx = self.context(attention_mask, self.compute_dtype)

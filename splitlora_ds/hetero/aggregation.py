@@ -64,17 +64,25 @@ def stack(parts: Sequence[Factors], weights: Sequence[float]) -> tuple[torch.Ten
     return A, B
 
 
-def refactor(A_s: torch.Tensor, B_s: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-`rank` factors (A [rank, d_in], B [d_out, rank]) with scale * B @ A the best rank-`rank`
-    approximation of B_s @ A_s (exact when that product has rank <= `rank`)."""
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+def svd_of_product(A_s: torch.Tensor, B_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, V^T) of B_s @ A_s through two QRs and the SVD of a small core: never d_out x d_in."""
     Qb, Rb = torch.linalg.qr(B_s.double())  # B_s = Qb Rb
     Qa, Ra = torch.linalg.qr(A_s.double().T)  # A_s = Ra^T Qa^T
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)  # the product's SVD: (Qb U) S (Qa Vh^T)^T
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)  # the product is (Qb U) S (Qa Vh^T)^T
+    return Qb @ U, S, (Qa @ Vh.T).T
+
+
+def refactor(A_s: torch.Tensor, B_s: torch.Tensor, rank: int, scale: float,
+             svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` factors (A [rank, d_in], B [d_out, rank]) with scale * B @ A the best rank-`rank`
+    approximation of B_s @ A_s (exact when that product has rank <= `rank`). `svd`: that
+    product's `svd_of_product`, when several ranks are cut from one stack."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    U, S, Vh = svd if svd is not None else svd_of_product(A_s, B_s)
     k = min(rank, S.numel())
-    A = (Qa @ Vh[:k].T).T  # orthonormal rows
-    B = (Qb @ U[:, :k]) * S[:k] / scale
+    A = Vh[:k]  # orthonormal rows
+    B = U[:, :k] * S[:k] / scale
     if k < rank:
         # More rank than the stack has (e.g. d_in < rank): the extra A rows are further
         # orthonormal directions (zero in the product because their B columns are zero).
@@ -113,9 +121,10 @@ def aggregate(parts: Sequence[Factors], weights: Sequence[float], method: str = 
     if method != "stacked":
         raise ValueError(f"unknown aggregation method {method!r}; use one of {METHODS}")
     A_s, B_s = stack(parts, weights)
+    svd = svd_of_product(A_s, B_s)  # once; each participant takes its own rank from it
     out = []
     for p in parts:
-        A, B = refactor(A_s, B_s, p.rank, p.scale)
+        A, B = refactor(A_s, B_s, p.rank, p.scale, svd)
         out.append(Factors(A.to(p.A.dtype), B.to(p.B.dtype), p.scale))
     return out
 

@@ -58,11 +58,20 @@ def exchange_(stage: nn.Module, weights: Mapping[str, float], modules: set[str],
     mine = (state, {m: weights[m] for m in own}, {m: scale for m, (_A, _B, scale) in own.items()})
     gathered: list[tuple] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
     dist.all_gather_object(gathered, mine, group=group)
+    # Only the modules this participant holds: the others are the other holders' business.
+    states, weights_of, scales_of = zip(*[_restrict(g, set(own)) for g in gathered])
     try:
-        new = aggregate_state_dicts(*zip(*gathered), method=method)[dist.get_rank(group)]
+        new = aggregate_state_dicts(states, weights_of, scales_of, method=method)[dist.get_rank(group)]
     except ValueError as e:
         raise ConfigError(f"aggregation: {e}") from e
     for key, value in new.items():
         params[key].copy_(value.to(params[key].dtype))
     return sum(params[k].numel() * params[k].element_size() for k in new)
 
+
+def _restrict(part: tuple[dict, dict, dict], modules: set[str]) -> tuple[dict, dict, dict]:
+    """A gathered (state dict, weights, scales) cut down to `modules`."""
+    state, weights, scales = part
+    keys = {k for m, ab in factor_names(state).items() if m in modules for k in ab}
+    return ({k: v for k, v in state.items() if k in keys}, {m: w for m, w in weights.items() if m in modules},
+            {m: s for m, s in scales.items() if m in modules})

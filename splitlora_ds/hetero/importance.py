@@ -38,11 +38,13 @@ class ImportanceTracker:
     @torch.no_grad()
     def update(self, stage: nn.Module) -> None:
         """Fold in the gradients of the backward pass just done (call before the optimizer step)."""
-        for name, (A, B, _scale) in lora_modules(stage).items():
-            if A.grad is None or B.grad is None:
-                continue
-            raw = float((A * A.grad).abs().sum() + (B * B.grad).abs().sum())
-            value = raw / (A.shape[1] + B.shape[0])
+        modules = [(n, A, B) for n, (A, B, _s) in lora_modules(stage).items() if A.grad is not None and B.grad is not None]
+        if not modules:
+            return
+        # One tensor, one copy to the host: no device sync per module.
+        raw = torch.stack([((A * A.grad).abs().sum() + (B * B.grad).abs().sum()) / (A.shape[1] + B.shape[0])
+                           for _, A, B in modules]).tolist()
+        for (name, _A, _B), value in zip(modules, raw):
             old = self.scores.get(name)
             self.scores[name] = value if old is None else self.beta * old + (1 - self.beta) * value
 
