@@ -76,10 +76,6 @@ class LoraConfig:
         _require(self.fused_qkv is None or (not isinstance(self.rank, list) and not self.rank_pattern),
                  "lora.fused_qkv", self.fused_qkv, "is not supported with per-client or per-module ranks")
 
-    @property
-    def heterogeneous(self) -> bool:
-        return isinstance(self.rank, list) and len(set(self.rank)) > 1
-
     def client_rank(self, client: int) -> int:
         return self.rank[client] if isinstance(self.rank, list) else self.rank
 
@@ -107,7 +103,6 @@ class SplitConfig:
         _require(self.wire_dtype is None or self.wire_dtype in WIRE_DTYPES, "split.wire_dtype",
                  self.wire_dtype, f"use one of {', '.join(WIRE_DTYPES)} or null")
 
-
     def per_client(self, clients: int) -> list[int]:
         return list(self.client_layers) if isinstance(self.client_layers, list) else [self.client_layers] * clients
 
@@ -119,13 +114,7 @@ class ClientBudget:
 
     memory_gb: Optional[float] = None
     flops: Optional[float] = None  # relative FLOP/s (any unit, the same for every client)
-
-    def __post_init__(self) -> None:
-        _require(self.memory_gb is not None or self.flops is not None, "federation.budgets[]", self,
-                 "give memory_gb and/or flops")
-        _require(self.memory_gb is None or self.memory_gb > 0, "federation.budgets[].memory_gb",
-                 self.memory_gb, "must be > 0")
-        _require(self.flops is None or self.flops > 0, "federation.budgets[].flops", self.flops, "must be > 0")
+    # validated by FederationConfig, which knows each budget's index for the error message
 
 
 @dataclass
@@ -147,6 +136,11 @@ class FederationConfig:
                  "must be >= 1")
         _require(self.aggregation in AGGREGATIONS, "federation.aggregation", self.aggregation,
                  f"use one of {', '.join(AGGREGATIONS)}")
+        for i, b in enumerate(self.budgets or []):
+            where = f"federation.budgets[{i}]"
+            _require(b.memory_gb is not None or b.flops is not None, where, {}, "give memory_gb and/or flops")
+            _require(b.memory_gb is None or b.memory_gb > 0, f"{where}.memory_gb", b.memory_gb, "must be > 0")
+            _require(b.flops is None or b.flops > 0, f"{where}.flops", b.flops, "must be > 0")
 
 
 DATA_SOURCES = ("synthetic", "e2e", "instruction")

@@ -335,22 +335,23 @@ class StageRunner:
         if self.exchange is not None:
             ex = self.exchange
             nbytes = exchange_(self.stage, ex.weights, ex.modules, ex.method, ex.group)
-            if self.role.is_client:  # as a FedAvg server would see it: up, and back at its own rank
-                self.p2p.bytes_sent += nbytes
-                self.p2p.bytes_received += nbytes
-                self.p2p.adapter_bytes_sent += nbytes
+            if self.role.is_client:  # server stage 0 plays the aggregator: its copies do not travel
+                self._count_aggregation_traffic(nbytes)
             self._refresh_master_weights()
             self.stats.averaged = True
             return
         params = list(self.stage.adapter_parameters().values())
         allreduce_weighted_average_(params, self.fedavg_weight, self.groups.clients, self.p2p.staging)
-        # Counted as a FedAvg server would see it, whatever the all-reduce algorithm: each client
-        # uploads its adapters and downloads the average.
-        self.p2p.bytes_sent += flat_nbytes(params)
-        self.p2p.bytes_received += flat_nbytes(params)
-        self.p2p.adapter_bytes_sent += flat_nbytes(params)
+        self._count_aggregation_traffic(flat_nbytes(params))
         self._refresh_master_weights()
         self.stats.averaged = True
+
+    def _count_aggregation_traffic(self, nbytes: int) -> None:
+        # Counted as a FedAvg server would see it, whatever the collective: each client uploads
+        # its adapters and downloads the result at its own shapes.
+        self.p2p.bytes_sent += nbytes
+        self.p2p.bytes_received += nbytes
+        self.p2p.adapter_bytes_sent += nbytes
 
     def _refresh_master_weights(self) -> None:
         # Mixed-precision optimizers keep fp32 master copies; they must take adapters written

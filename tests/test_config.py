@@ -45,6 +45,19 @@ def test_model_config_is_free_form_and_overridable(tmp_path):
     ("", ["train.seed.x=1"], "train.seed: expected an integer, got {'x': 1}"),
     ("", ["train.max_steps"], "expected section.key=value"),
     ("- a\n- b\n", [], "must hold a mapping"),
+    # heterogeneous clients
+    ("", ["lora.rank=[2, x]"], "lora.rank: expected an integer or a list of integers, got [2, 'x']"),
+    ("", ["lora.rank=[2, 0]"], "lora.rank: [2, 0] is invalid"),
+    ("", ["split.client_layers=[1, 2, 3]"], "split.client_layers: [1, 2, 3] is invalid; give one entry per client"),
+    ("", ["federation.budgets=[{flops: 1}, {}]"], "federation.budgets[1]: {} is invalid; give memory_gb and/or flops"),
+    ("", ["federation.budgets=[{flops: 1}, {memory_gb: -1}]"], "federation.budgets[1].memory_gb: -1.0 is invalid"),
+    ("", ["federation.budgets=[{flops: 1}, {flops: 1, cores: 2}]"], "federation.budgets[1].cores: unknown recipe key"),
+    ("", ["federation.aggregation=mean"], "federation.aggregation: 'mean' is invalid"),
+    ("", ["mode=fedlora", "lora.rank=[2, 4]"], "per-client split points, ranks and budgets need mode=split"),
+    ("", ["lora.rank=[2, 4]", "lora.fused_qkv=[q, v]"], "lora.fused_qkv: ['q', 'v'] is invalid"),
+    ("", ["importance.replan_threshold=0.3"], "re-planning needs importance.enabled: true"),
+    ("", ["importance.enabled=true", "importance.replan_threshold=0.3", "federation.aggregation=fedavg"],
+     "re-planning gives modules different ranks"),
 ])
 def test_bad_recipes_name_the_field(tmp_path, text, overrides, needle):
     with pytest.raises(ConfigError) as e:
