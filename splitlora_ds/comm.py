@@ -4,6 +4,10 @@ Each bundle travels as one fixed-size int64 header (count, then dtype code, rank
 every tensor) followed by the tensors, so sequence lengths and batch sizes may change from step
 to step. Floating tensors may travel in a narrower `wire_dtype` and are cast back to the
 receiver's compute dtype. Every byte sent and received is counted for the comm/ metrics.
+
+Tensors with no elements (a client whose validation shard ran out sends zero rows) travel as
+their header entry alone: the receiver makes them from the shape, and no backend is ever asked to
+send or receive an empty buffer (NCCL's behaviour for those is not something to rely on).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from typing import Optional, Sequence
 
 import deepspeed.comm as ds_comm
 import torch
+
+from .failures import wait_each, wait_on
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64,
            torch.int64, torch.int32, torch.uint8, torch.bool]
@@ -80,26 +86,27 @@ class P2P:
         own dtype, whatever the wire dtype (weights, not activations)."""
         wire = [self._to_wire(t, exact) for t in tensors]
         header = encode_header(wire).to(self.staging)
-        works = [ds_comm.isend(header, dst)] + [ds_comm.isend(t, dst) for t in wire]
+        works = [ds_comm.isend(header, dst)] + [ds_comm.isend(t, dst) for t in wire if t.numel()]
         self.bytes_sent += _nbytes(header) + sum(_nbytes(t) for t in wire)
         # Keep the buffers alive until the sends complete.
         works.append(_Keep([header, *wire]))
         return works
 
     def send(self, tensors: Sequence[torch.Tensor], dst: int, exact: bool = False) -> None:
-        wait_all(self.isend(tensors, dst, exact))
+        wait_on(self.isend(tensors, dst, exact), dst)
 
     def recv_many(self, srcs: Sequence[int], float_dtype: torch.dtype) -> list[list[torch.Tensor]]:
-        """Receive one bundle from each of `srcs`, all at once (no source waits on another)."""
+        """Receive one bundle from each of `srcs`, all at once (no source waits on another).
+        A source that fails raises failures.PeerLost naming it."""
         headers = [torch.empty(HEADER_LEN, dtype=torch.int64, device=self.staging) for _ in srcs]
-        wait_all([ds_comm.irecv(h, src) for h, src in zip(headers, srcs)])
+        wait_each([[ds_comm.irecv(h, src)] for h, src in zip(headers, srcs)], srcs)
         bundles, works = [], []
         for h, src in zip(headers, srcs):
             bufs = [torch.empty(shape, dtype=dt, device=self.staging) for dt, shape in decode_header(h)]
-            works += [ds_comm.irecv(b, src) for b in bufs]
+            works.append([ds_comm.irecv(b, src) for b in bufs if b.numel()])
             bundles.append(bufs)
             self.bytes_received += _nbytes(h) + sum(_nbytes(b) for b in bufs)
-        wait_all(works)
+        wait_each(works, srcs)
         return [[b.to(self.device, float_dtype if b.is_floating_point() else b.dtype) for b in bufs]
                 for bufs in bundles]
 
@@ -115,8 +122,3 @@ class _Keep:
 
     def wait(self) -> bool:
         return True
-
-
-def wait_all(works: list) -> None:
-    for w in works:
-        w.wait()

@@ -198,8 +198,13 @@ class TrainConfig:
     seed: int = 42
     label_smoothing: float = 0.0  # training loss only; eval/loss is plain cross-entropy
     output_dir: Optional[str] = None  # where each role writes its final adapters (safetensors)
+    # How the ds_config's gradient_clipping applies. global: one norm over every role that trains
+    # together (as centralized LoRA clips all adapters by one norm; one scalar all-reduce per
+    # step). role: each client and server stage clips by its own norm (no party shares a norm).
+    clip_scope: str = "global"
 
     def __post_init__(self) -> None:
+        _require(self.clip_scope in ("global", "role"), "train.clip_scope", self.clip_scope, "use global or role")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
         _require(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
         _require(self.max_steps is not None or self.epochs is not None, "train.max_steps", self.max_steps,
@@ -300,6 +305,16 @@ class RunConfig:
         _require(self.importance.replan_threshold is None or self.federation.aggregation != "fedavg",
                  "federation.aggregation", self.federation.aggregation,
                  "re-planning gives modules different ranks; use stacked or zero_pad (auto picks stacked)")
+        # q/v-only LoRA keeps B block-diagonal; a re-plan's resize and the stacked SVD write dense
+        # factors (and per-client ranks would change the block layout), so they cannot be combined.
+        fused = self.lora.fused_qkv
+        _require(fused is None or self.importance.replan_threshold is None, "lora.fused_qkv", fused,
+                 "cannot be combined with importance.replan_threshold (resizing breaks the q/v block layout)")
+        _require(fused is None or self.federation.aggregation != "stacked", "lora.fused_qkv", fused,
+                 "cannot be combined with federation.aggregation: stacked (its SVD fills the pinned slices); "
+                 "use fedavg")
+        _require(fused is None or self.federation.budgets is None, "lora.fused_qkv", fused,
+                 "cannot be combined with federation.budgets (planned per-client ranks change the block layout)")
         c = self.federation.clients
         per_client = (("split.client_layers", self.split.client_layers), ("lora.rank", self.lora.rank),
                       ("federation.budgets", self.federation.budgets))

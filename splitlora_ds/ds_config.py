@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from .errors import ConfigError
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _SCHEDULERS_WITH_TOTAL = ("WarmupDecayLR", "WarmupCosineLR")
+_ADAM_TYPES = ("adam", "adamw")
 
 
 def load_ds_config(path: str) -> dict:
@@ -51,16 +54,21 @@ def check_ds_config(cfg: dict, path: str) -> None:
             "data-parallel world here, so ZeRO has nothing to shard: use stage 0")
 
 
-def role_ds_config(base: dict, micro_batch: int, max_steps: int) -> dict:
-    """A copy of `base` with this role's batch size and the run length filled in."""
+def role_ds_config(base: dict, micro_batch: int, max_steps: int, clips_itself: bool = True) -> dict:
+    """A copy of `base` with this role's batch size and the run length filled in.
+    `clips_itself` False: the trainer clips by the global norm, so the engine must not clip."""
     cfg = copy.deepcopy(base)
+    if not clips_itself:
+        cfg.pop("gradient_clipping", None)
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = 1
     cfg["train_batch_size"] = micro_batch  # each role is a data-parallel world of one
     cfg.setdefault("steps_per_print", 10**9)  # our own metrics replace DeepSpeed's step prints
     opt = cfg["optimizer"]
-    if opt["type"].lower() in ("adam", "adamw") and not torch.cuda.is_available():
-        # Without this DeepSpeed JIT-compiles its CPU/Fused Adam op (~50 s per fresh machine).
+    if opt["type"].lower() in _ADAM_TYPES:
+        # torch's Adam/AdamW unless the config asks for DeepSpeed's fused one: that op is
+        # JIT-compiled at start-up, which needs a CUDA toolkit (nvcc) that a plain pip install
+        # of torch does not bring (and ~50 s of compiling on every fresh CPU machine).
         opt.setdefault("params", {}).setdefault("torch_adam", True)
     sched = cfg.get("scheduler")
     if sched and sched.get("type") in _SCHEDULERS_WITH_TOTAL:
@@ -70,3 +78,25 @@ def role_ds_config(base: dict, micro_batch: int, max_steps: int) -> dict:
 
 def precision_dtype(cfg: dict) -> torch.dtype:
     return torch.bfloat16 if cfg.get("bf16", {}).get("enabled", False) else torch.float32
+
+
+def check_fused_adam(cfg: dict, path: str) -> None:
+    """When the config asks for DeepSpeed's fused Adam (`optimizer.params.torch_adam: false`), say
+    before the run starts what that needs, instead of failing in a JIT build on every rank."""
+    opt = cfg["optimizer"]
+    if opt["type"].lower() not in _ADAM_TYPES or opt.get("params", {}).get("torch_adam", True):
+        return
+    key = "deepspeed_config: optimizer.params.torch_adam"
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}: false in {path} asks for DeepSpeed's FusedAdam, a CUDA kernel; on this "
+                          "machine without CUDA use torch's AdamW (torch_adam: true, the default)")
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("fused_adam"):
+        return  # built into this DeepSpeed install: nothing to compile
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    if shutil.which("nvcc") is None and not (Path(cuda_home) / "bin" / "nvcc").is_file():
+        raise ConfigError(f"{key}: false in {path} asks for DeepSpeed's FusedAdam, which this DeepSpeed install "
+                          "compiles at start-up, but no CUDA toolkit (nvcc, CUDA_HOME) is here: install one that "
+                          "matches torch's CUDA, or reinstall DeepSpeed with DS_BUILD_FUSED_ADAM=1, or drop "
+                          "torch_adam to use torch's AdamW")

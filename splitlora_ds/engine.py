@@ -3,13 +3,14 @@
 Each rank wraps its stage in its own DeepSpeed engine (optimizer, LR schedule, clipping and
 precision come from the ds_config), whose data-parallel world is the rank alone; FedAvg across
 clients is ours, every I steps. The server runs all clients' activations as one batch: a leaf
-tensor per client, padded to the longest sequence and concatenated, so after backward each
-leaf's .grad is exactly the gradient that client needs.
+tensor per client, padded to the longest sequence and concatenated. The step's loss is the mean
+over every client's tokens (what the server's adapters train on); each client gets back the
+gradient of its own mean token loss (the split-federated convention), so with FedAvg weights
+n_c / n the averaged client update is the centralized one.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -21,9 +22,12 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from . import schedule as S
 from .aggregation import allreduce_weighted_average_, broadcast_, flat_nbytes
 from .comm import P2P
+from .failures import PeerLost, wait_on
+from .masters import adapter_masters, copy_masters_to_params_
 from .hetero.exchange import exchange_
 from .hetero.importance import ImportanceTracker
-from .stage import Stage
+from .stage import SharedBlockGrad, Stage
+from .timing import InstructionClock
 from .topology import Groups, Role, Topology
 
 
@@ -44,6 +48,22 @@ class Exchange:
 
 
 @dataclass
+class GradClip:
+    """Clipping by the global gradient norm (train.clip_scope: global): the threshold, this rank's
+    weight in the squared norm (a client's FedAvg weight: client copies are averaged, so each
+    counts as its share of the global model; server stages 1), and a process group per set of
+    ranks that clip together (ClipGradients.ranks)."""
+
+    max_norm: float
+    weight: float
+    groups: dict[tuple[int, ...], Optional[dist.ProcessGroup]]
+
+
+# What torch and DeepSpeed add to the norm before dividing (clip_grad_norm_).
+_CLIP_EPS = 1e-6
+
+
+@dataclass
 class StepStats:
     step: int
     seconds: float = 0.0
@@ -57,6 +77,7 @@ class StepStats:
     # Seconds per instruction kind: what the rank computed and what it spent sending or waiting.
     seconds_by: dict[str, float] = field(default_factory=dict)
     positions: int = 0  # batch rows x (padded) sequence length this rank ran forward
+    grad_norm: Optional[float] = None  # the global gradient norm before clipping (ClipGradients)
 
     @property
     def compute_seconds(self) -> float:
@@ -100,7 +121,8 @@ class StageRunner:
                  groups: Optional[Groups], batches: Optional[Iterator[dict]] = None,
                  fedavg_weight: float = 1.0, observers: Sequence[Observer] = (),
                  label_smoothing: float = 0.0, entry_layers: Optional[Sequence[int]] = None,
-                 exchange: Optional[Exchange] = None, importance: Optional[ImportanceTracker] = None):
+                 exchange: Optional[Exchange] = None, importance: Optional[ImportanceTracker] = None,
+                 client_weights: Sequence[float] = (), clip: Optional[GradClip] = None):
         self.role = role
         self.schedule = schedule
         self.topology: Topology = schedule.topology
@@ -114,11 +136,17 @@ class StageRunner:
         self.label_smoothing = label_smoothing
         # Heterogeneous split points: the layer each client's activations enter server stage 0 at.
         self.entry_layers = list(entry_layers) if entry_layers is not None else None
+        # Every client's FedAvg weight (server stage 0 of a heterogeneous run weighs shared blocks by them).
+        self.client_weights = list(client_weights)
+        self.clip = clip
+        # What aggregation reads and writes: the optimizer's fp32 copies in bf16 runs.
+        self.masters = adapter_masters(engine.optimizer, stage.adapter_parameters()) if engine is not None else {}
         self.exchange = exchange
         self.importance = importance
         self.training = True
         self.eval_batches: Optional[Iterator[dict]] = None
         self.device = p2p.device
+        self.clock = InstructionClock(self.device)
         self._handlers = {
             S.LoadBatch: self._load_batch,
             S.LoadEvalBatch: self._load_eval_batch,
@@ -129,6 +157,7 @@ class StageRunner:
             S.Backward: self._backward,
             S.SendGrads: self._send_grads,
             S.RecvGrads: self._recv_grads,
+            S.ClipGradients: self._clip_gradients,
             S.OptimizerStep: self._optimizer_step,
             S.AverageAdapters: self._average_adapters,
             S.ReduceLossStats: self._reduce_loss_stats,
@@ -142,15 +171,16 @@ class StageRunner:
     def train_step(self, step: int) -> StepStats:
         self._reset()
         self.stats = StepStats(step)
-        t0 = time.perf_counter()
+        t0 = t = self.clock.now()
         for instruction in self.schedule.train(self.role, step):
-            t = time.perf_counter()
-            self._handlers[type(instruction)](instruction)
+            self._execute(instruction, step)
             kind = type(instruction).__name__
-            self.stats.seconds_by[kind] = self.stats.seconds_by.get(kind, 0.0) + time.perf_counter() - t
+            done = self.clock.now()
+            self.stats.seconds_by[kind] = self.stats.seconds_by.get(kind, 0.0) + done - t
             for observe in self.observers:
                 observe(step, instruction, self)
-        self.stats.seconds = time.perf_counter() - t0
+            t = self.clock.now() if self.observers else done  # observers' time is nobody's instruction
+        self.stats.seconds = t - t0
         return self.stats
 
     @torch.no_grad()
@@ -161,7 +191,7 @@ class StageRunner:
         # comm/ counts training traffic: what evaluation sends is left out of the byte counters.
         traffic = self.p2p.bytes_sent, self.p2p.bytes_received
         for instruction in self.schedule.before_eval(self.role, step):
-            self._handlers[type(instruction)](instruction)
+            self._execute(instruction, step)
         self.engine.eval()
         self.training = False
         empty = {"input_ids": torch.zeros(0, 1, dtype=torch.long),
@@ -169,13 +199,13 @@ class StageRunner:
                  "labels": torch.full((0, 1), -100, dtype=torch.long)}
         self.eval_batches = iter(list(batches)[:num_batches] + [empty] * max(0, num_batches - len(batches)))
         result = EvalStats() if self._computes_loss() else None
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         try:
             for _ in range(num_batches):
                 self._reset()
                 self.stats = StepStats(-1)
                 for instruction in self.schedule.eval(self.role):
-                    self._handlers[type(instruction)](instruction)
+                    self._execute(instruction, step)
                 if result is not None:
                     result.add(self.stats)
         finally:
@@ -189,8 +219,22 @@ class StageRunner:
             result.loss_sum, result.tokens = float(sum(sums)), int(sum(tokens))
             result.client_loss_sum, result.client_tokens = sums, tokens
         if result is not None:
-            result.seconds = time.perf_counter() - t0
+            result.seconds = self.clock.now() - t0
         return result
+
+    def _execute(self, instruction: S.Instruction, step: int) -> None:
+        """Run one instruction; a failed exchange with a peer becomes PeerLost naming the peer,
+        the step and the instruction (errors of instructions that talk to nobody propagate)."""
+        try:
+            self._handlers[type(instruction)](instruction)
+        except PeerLost as e:
+            e.step, e.during = step, type(instruction).__name__
+            raise
+        except RuntimeError as e:
+            peers = self.schedule.peers(instruction, self.role.rank)
+            if not peers:
+                raise
+            raise PeerLost(peers, e, step, type(instruction).__name__) from e
 
     def _computes_loss(self) -> bool:
         return (self.role.kind == "centralized" or self._whole_model_client()
@@ -202,6 +246,7 @@ class StageRunner:
 
     def _reset(self) -> None:
         self.x = self.mask = self.labels = self.sizes = self.row_entry = None
+        self.client_targets = self.shared_grad = None
         self.output = self.loss = self.grad_output = None
         self.inputs: list[torch.Tensor] = []
 
@@ -232,9 +277,11 @@ class StageRunner:
             # The head projects only positions with a next-token target: logits [N, V].
             has_target = F.pad(self.labels[:, 1:] != -100, (0, 1), value=False)
             self.output = self.engine(self.x, self.mask, has_target.flatten().nonzero().squeeze(1),
-                                      row_entry=self.row_entry)
+                                      row_entry=self.row_entry,
+                                      shared_grad=self.shared_grad if self.training else None)
         else:
-            self.output = self.engine(self.x, self.mask, row_entry=self.row_entry)
+            self.output = self.engine(self.x, self.mask, row_entry=self.row_entry,
+                                      shared_grad=self.shared_grad if self.training else None)
 
     def _send_activations(self, ins: S.SendActivations) -> None:
         self.p2p.send([self.output, self.mask, self.labels, self.sizes], ins.dst)
@@ -256,11 +303,16 @@ class StageRunner:
         self.mask = torch.cat(masks)
         self.labels = torch.cat(labels)
         self.sizes = torch.cat([b[3] for b in bundles])
+        # Target tokens per source (each predicts the next token): the gradient each client gets
+        # back is rescaled from the step's mean loss to its own (see _send_grads).
+        self.client_targets = torch.stack([(lab[:, 1:] != -100).sum() for _h, _m, lab, _s in bundles])
         if self.entry_layers is not None and self.role.index == 0:
             # On the CPU: the stage reads row counts from it per layer (see Stage.forward).
             clients = [self.topology.role_of(src).index for src in ins.srcs]
-            self.row_entry = torch.repeat_interleave(torch.tensor([self.entry_layers[c] for c in clients]),
-                                                     torch.tensor([h.shape[0] for h, *_ in bundles]))
+            rows = torch.tensor([h.shape[0] for h, *_ in bundles])
+            self.row_entry = torch.repeat_interleave(torch.tensor([self.entry_layers[c] for c in clients]), rows)
+            if self.training:
+                self.shared_grad = self._shared_block_grad(clients, rows)
         if self.role.index == 0 and len(ins.srcs) < self.topology.clients:
             # Serving some clients only (sequential): rows per client index, 0 for the others,
             # so the per-client figures downstream name the right client.
@@ -268,6 +320,16 @@ class StageRunner:
             for src, (_h, _m, _l, rows) in zip(ins.srcs, bundles):
                 sizes[src] = rows.sum()
             self.sizes = sizes
+
+    def _shared_block_grad(self, clients: list[int], rows: torch.Tensor) -> SharedBlockGrad:
+        """Row scales N w_c / N_c and block weights W_i for the shared blocks (see SharedBlockGrad)."""
+        w = torch.tensor([self.client_weights[c] for c in clients], dtype=torch.float32, device=self.device)
+        targets = self.client_targets.to(torch.float32)
+        per_client = targets.sum() * w / targets.clamp(min=1)
+        entry = [self.entry_layers[c] for c in clients]
+        layer_weight = {int(i): sum(self.client_weights[c] for c, e in zip(clients, entry) if e <= int(i))
+                        for i in self.stage.layers}
+        return SharedBlockGrad(torch.repeat_interleave(per_client, rows.to(self.device)), layer_weight)
 
     def _compute_loss(self, _: S.ComputeLoss) -> None:
         valid = self.labels[:, 1:] != -100  # position t predicts token t + 1
@@ -300,14 +362,33 @@ class StageRunner:
             self.importance.update(self.stage)  # gradients are complete until the optimizer step
 
     def _send_grads(self, ins: S.SendGrads) -> None:
-        works = []
-        for leaf, dst in zip(self.inputs, ins.dsts):
-            works += self.p2p.isend([leaf.grad], dst)
-        for w in works:
-            w.wait()
+        grads = [leaf.grad for leaf in self.inputs]
+        if self.role.index == 0:
+            # The loss is the mean over all N tokens of the step, so client c's slice holds N_c / N
+            # times the gradient of its own mean loss; it gets the gradient of its own mean loss.
+            scale = self.client_targets.sum() / self.client_targets.clamp(min=1)
+            grads = [g * s.to(g.dtype) for g, s in zip(grads, scale)]
+        works = [self.p2p.isend([grad], dst) for grad, dst in zip(grads, ins.dsts)]
+        for dst_works, dst in zip(works, ins.dsts):
+            wait_on(dst_works, dst)
 
     def _recv_grads(self, ins: S.RecvGrads) -> None:
         (self.grad_output,) = self.p2p.recv(ins.src, self.output.dtype)
+
+    @torch.no_grad()
+    def _clip_gradients(self, ins: S.ClipGradients) -> None:
+        grads = [p.grad for p in self.stage.adapter_parameters().values() if p.grad is not None]
+        local = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=self.device))
+        total = (local.double() * self.clip.weight).reshape(1).to(self.p2p.staging)
+        group = self.clip.groups[ins.ranks]
+        if len(ins.ranks) > 1:
+            dist.all_reduce(total, group=group)
+        norm = float(total.sqrt())
+        self.stats.grad_norm = norm
+        coef = min(1.0, self.clip.max_norm / (norm + _CLIP_EPS))
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
 
     def _optimizer_step(self, _: S.OptimizerStep) -> None:
         # The rate this step applies (DeepSpeed's schedulers advance inside engine.step()).
@@ -334,16 +415,14 @@ class StageRunner:
     def _average_adapters(self, _: S.AverageAdapters) -> None:
         if self.exchange is not None:
             ex = self.exchange
-            nbytes = exchange_(self.stage, ex.weights, ex.modules, ex.method, ex.group)
+            nbytes = exchange_(self.stage, ex.weights, ex.modules, ex.method, ex.group, self.masters)
             if self.role.is_client:  # server stage 0 plays the aggregator: its copies do not travel
                 self._count_aggregation_traffic(nbytes)
-            self._refresh_master_weights()
-            self.stats.averaged = True
-            return
-        params = list(self.stage.adapter_parameters().values())
-        allreduce_weighted_average_(params, self.fedavg_weight, self.groups.clients, self.p2p.staging)
-        self._count_aggregation_traffic(flat_nbytes(params))
-        self._refresh_master_weights()
+        else:
+            masters = list(self.masters.values())
+            allreduce_weighted_average_(masters, self.fedavg_weight, self.groups.clients, self.p2p.staging)
+            self._count_aggregation_traffic(flat_nbytes(masters))
+        self._masters_to_params()
         self.stats.averaged = True
 
     def _count_aggregation_traffic(self, nbytes: int) -> None:
@@ -353,33 +432,30 @@ class StageRunner:
         self.p2p.bytes_received += nbytes
         self.p2p.adapter_bytes_sent += nbytes
 
-    def _refresh_master_weights(self) -> None:
-        # Mixed-precision optimizers keep fp32 master copies; they must take adapters written
-        # from outside too, or the next step would write the old weights back.
-        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
-        if refresh is not None:
-            refresh()
+    def _masters_to_params(self) -> None:
+        # Aggregation wrote the optimizer's (fp32) masters; the model computes with the parameters.
+        copy_masters_to_params_(self.masters, self.stage.adapter_parameters())
 
     def _send_adapters(self, ins: S.SendAdapters) -> None:
-        params = list(self.stage.adapter_parameters().values())
-        self.p2p.send([_flatten_dense_tensors([p.detach() for p in params])], ins.dst, exact=True)
-        self.p2p.adapter_bytes_sent += flat_nbytes(params)
+        masters = list(self.masters.values())
+        self.p2p.send([_flatten_dense_tensors([m.detach() for m in masters])], ins.dst, exact=True)
+        self.p2p.adapter_bytes_sent += flat_nbytes(masters)
 
     @torch.no_grad()
     def _recv_adapters(self, ins: S.RecvAdapters) -> None:
-        params = list(self.stage.adapter_parameters().values())
-        (flat,) = self.p2p.recv(ins.src, params[0].dtype)
-        for p, t in zip(params, _unflatten_dense_tensors(flat, params)):
-            p.copy_(t)
-        self._refresh_master_weights()
+        masters = list(self.masters.values())
+        (flat,) = self.p2p.recv(ins.src, masters[0].dtype)
+        for m, t in zip(masters, _unflatten_dense_tensors(flat, masters)):
+            m.copy_(t)
+        self._masters_to_params()
 
     @torch.no_grad()
     def _share_adapters(self, ins: S.ShareAdapters) -> None:
         # Not counted in comm/: vanilla split learning would evaluate on the last client; the
         # broadcast only lets every client's validation shard be scored with that model.
-        params = list(self.stage.adapter_parameters().values())
-        broadcast_(params, ins.src, self.groups.clients, self.p2p.staging)
-        self._refresh_master_weights()
+        masters = list(self.masters.values())
+        broadcast_(masters, ins.src, self.groups.clients, self.p2p.staging)
+        self._masters_to_params()
 
     def _turn_barrier(self, _: S.TurnBarrier) -> None:
         dist.barrier(group=self.groups.clients)

@@ -19,13 +19,15 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .data import ClientBatches, collate, concat_batches, load_tokenizer, pooled_batches
 from .data.build import DataPlan, plan_data, tokenize_client
-from .ds_config import load_ds_config
+from .ds_config import check_fused_adam, load_ds_config, precision_dtype
 from .errors import ConfigError
 from .hetero.setup import ClientSetup, resolve_setup
 from .models import get_family
 from .models.lora import target_modules_in_family
+from .models.weights import check_layer_weights
 from .schedule import Schedule
 from .partition import SplitPlan, StagePlan, centralized_plan, make_split_plan
+from .stage import build_stage
 from .topology import Role, Topology, env_world
 
 
@@ -56,7 +58,15 @@ class Prepared:
     @property
     def schedule(self) -> Schedule:
         return Schedule(self.cfg.mode, self.topology, self.cfg.federation.aggregate_every, self.max_steps,
-                        server_aggregates=self.setup is not None and self.setup.shared_blocks)
+                        server_aggregates=self.setup is not None and self.setup.shared_blocks,
+                        clip_global=self.clip_global)
+
+    @property
+    def clip_global(self) -> bool:
+        """Gradient clipping by one norm over the ranks that train together (the trainer's), instead
+        of each rank's DeepSpeed engine clipping its own gradients."""
+        return (self.cfg.train.clip_scope == "global" and self.cfg.mode != "centralized"
+                and self.ds_config.get("gradient_clipping", 0.0) > 0)
 
     @property
     def lora_rank(self) -> int:
@@ -82,6 +92,8 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
             raise ConfigError(f"lora.fused_qkv: {cfg.lora.fused_qkv} limits LoRA on {family.fused_qkv_module}, "
                               f"but lora.target_modules {targets} does not adapt it")
     ds_config = load_ds_config(cfg.deepspeed_config)
+    if not dry_run:
+        check_fused_adam(ds_config, cfg.deepspeed_config)
     topology = Topology(cfg.federation.clients, cfg.split.server_stages)
 
     setup = None
@@ -110,11 +122,17 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
         plan, role, stage_plan = None, Role("centralized", 0, 0), centralized_plan(num_blocks)
     if cfg.checkpoint.every and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.every: set checkpoint.dir to say where checkpoints go")
+    if cfg.importance.replan_threshold is not None and precision_dtype(ds_config) != torch.float32:
+        raise ConfigError(f"importance.replan_threshold: resizing adapters needs a plain torch optimizer, but "
+                          f"{cfg.deepspeed_config} enables bf16 (DeepSpeed then keeps flat copies of the "
+                          f"adapters); use an fp32 config")
     prep = Prepared(cfg, rank, local_rank, role, topology, plan, stage_plan, family, hf_config, ds_config,
                     setup=setup)
-    if not dry_run:
-        _prepare_data(prep)
-    if resume is not None and not dry_run:
+    if dry_run:
+        return prep
+    adapter_names = _check_stage(prep)
+    _prepare_data(prep)
+    if resume is not None:
         directory = ckpt.resolve(resume, cfg.checkpoint.dir)
         layout = (1, 0) if cfg.mode == "centralized" else (topology.clients, topology.server_stages)
         ckpt.check_compatible(ckpt.read_meta(directory), cfg.to_dict(), *layout, directory)
@@ -122,7 +140,39 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
         if prep.resume.step >= prep.schedule.steps:
             raise ConfigError(f"--resume: {directory} is at step {prep.resume.step}, the run ends at "
                               f"{prep.schedule.steps}; raise train.max_steps to train further")
+        if adapter_names != set(prep.resume.adapters):
+            missing = sorted(adapter_names ^ set(prep.resume.adapters))[:3]
+            raise ConfigError(f"--resume: the checkpoint's {role.name} adapters do not match this stage ({missing})")
     return prep
+
+
+def _check_stage(prep: Prepared) -> set[str]:
+    """Build every role's stage on the meta device (no memory, no weights) so that what building
+    them for real would refuse (a stage with no adapted module) is refused now, by every rank
+    alike; and check that a pretrained checkpoint holds this rank's weights at their shapes.
+    Returns this rank's adapter names."""
+    cfg = prep.cfg
+    with torch.device("meta"):
+        seen = {(prep.stage_plan.start, prep.stage_plan.stop, prep.lora_rank)}
+        for i, plan in enumerate(prep.plan.all_stages() if prep.plan is not None else ()):
+            if (plan.start, plan.stop, _rank_of(prep, i)) not in seen:  # clients alike are built once
+                seen.add((plan.start, plan.stop, _rank_of(prep, i)))
+                build_stage(prep.family, prep.hf_config, plan, cfg.lora, cfg.train.seed, rank=_rank_of(prep, i))
+        stage = build_stage(prep.family, prep.hf_config, prep.stage_plan, cfg.lora, cfg.train.seed,
+                            rank=prep.lora_rank)
+    if cfg.model.pretrained is not None:
+        specs = prep.family.layer_specs(prep.hf_config)
+        for index, layer in stage.layers.items():
+            check_layer_weights(layer, specs[int(index)], cfg.model.pretrained)
+    return set(stage.adapter_parameters())
+
+
+def _rank_of(prep: Prepared, stage_index: int) -> int:
+    """The LoRA rank of the role at `stage_index` of plan.all_stages() (clients, then server stages)."""
+    if prep.setup is None:
+        return prep.cfg.lora.rank
+    clients = prep.topology.clients
+    return prep.setup.client_ranks[stage_index] if stage_index < clients else prep.setup.server_rank
 
 
 def _block_weights(family, hf_config) -> list[float]:

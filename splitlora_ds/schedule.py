@@ -4,10 +4,11 @@ Pure functions of the topology and the step number: tested without processes, ex
 `engine.StageRunner`. The server's first stage takes every client's activations in one step and
 runs them as one batch, so no client waits for another to be served.
 
-    client c:     LoadBatch Forward SendActivations RecvGrads Backward OptimizerStep [AverageAdapters]
+    client c:     LoadBatch Forward SendActivations RecvGrads Backward [ClipGradients] OptimizerStep
+                  [AverageAdapters]
     server stage: RecvActivations Forward (ComputeLoss | SendActivations RecvGrads) Backward
-                  SendGrads OptimizerStep [AverageAdapters: stage 0, for the blocks it holds
-                  on behalf of clients that cut earlier (heterogeneous split points)]
+                  SendGrads [ClipGradients] OptimizerStep [AverageAdapters: stage 0, for the
+                  blocks it holds on behalf of clients that cut earlier (heterogeneous split points)]
     centralized:  LoadBatch Forward ComputeLoss Backward OptimizerStep
     fedlora c:    LoadBatch Forward ComputeLoss Backward OptimizerStep ReduceLossStats [AverageAdapters]
                   (every client holds the whole model: the FedLoRA baseline)
@@ -16,6 +17,9 @@ runs them as one batch, so no client waits for another to be served.
                   next client (SendAdapters/RecvAdapters); the server serves the active client only;
                   every client ends each step at a TurnBarrier, so an idle client never waits
                   longer than one step on a collective (dist.timeout_s stays meaningful).
+
+ClipGradients (gradient clipping by the global norm, `train.clip_scope: global`) names the ranks
+that train together in this step; they all-reduce one scalar, so every one of them holds it.
 
 An evaluation batch is the forward half alone (no gradients, no optimizer):
 
@@ -82,6 +86,13 @@ class RecvGrads(Instruction):
 
 
 @dataclass(frozen=True)
+class ClipGradients(Instruction):
+    """Scale this rank's gradients by min(1, max_norm / global norm), the norm taken over every
+    rank in `ranks` (one scalar all-reduce): the ranks that train together in this step."""
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class OptimizerStep(Instruction):
     pass
 
@@ -130,16 +141,23 @@ def is_eval_step(step: int, eval_every: int, max_steps: int) -> bool:
     return step == max_steps - 1 or (eval_every > 0 and (step + 1) % eval_every == 0)
 
 
-def client_step(topology: Topology, step: int, aggregate_every: int, max_steps: int | None = None) -> list[Instruction]:
+def _clip(clip_ranks: Optional[tuple[int, ...]]) -> list[Instruction]:
+    return [ClipGradients(clip_ranks)] if clip_ranks is not None else []
+
+
+def client_step(topology: Topology, step: int, aggregate_every: int, max_steps: int | None = None,
+                clip_ranks: Optional[tuple[int, ...]] = None) -> list[Instruction]:
+    """`clip_ranks`: the ranks whose global gradient norm clips this step (None: no global clipping)."""
     server = topology.server_rank(0)
     out: list[Instruction] = [LoadBatch(), Forward(), SendActivations(server), RecvGrads(server),
-                              Backward(), OptimizerStep()]
+                              Backward(), *_clip(clip_ranks), OptimizerStep()]
     if topology.clients > 1 and is_aggregation_step(step, aggregate_every, max_steps):
         out.append(AverageAdapters())
     return out
 
 
-def server_step(topology: Topology, stage: int, clients: Optional[tuple[int, ...]] = None) -> list[Instruction]:
+def server_step(topology: Topology, stage: int, clients: Optional[tuple[int, ...]] = None,
+                clip_ranks: Optional[tuple[int, ...]] = None) -> list[Instruction]:
     """`clients`: whose activations the first stage serves this step (default: all of them)."""
     first_srcs = tuple(topology.client_ranks) if clients is None else clients
     srcs = first_srcs if stage == 0 else (topology.server_rank(stage - 1),)
@@ -150,12 +168,14 @@ def server_step(topology: Topology, stage: int, clients: Optional[tuple[int, ...
         nxt = topology.server_rank(stage + 1)
         out += [SendActivations(nxt), RecvGrads(nxt), Backward()]
     # Gradients go back before our own optimizer step so the upstream ranks resume sooner.
-    out += [SendGrads(srcs), OptimizerStep()]
+    out += [SendGrads(srcs), *_clip(clip_ranks), OptimizerStep()]
     return out
 
 
-def fedlora_step(topology: Topology, step: int, aggregate_every: int, max_steps: int | None = None) -> list[Instruction]:
-    out: list[Instruction] = [LoadBatch(), Forward(), ComputeLoss(), Backward(), OptimizerStep(), ReduceLossStats()]
+def fedlora_step(topology: Topology, step: int, aggregate_every: int, max_steps: int | None = None,
+                 clip_ranks: Optional[tuple[int, ...]] = None) -> list[Instruction]:
+    out: list[Instruction] = [LoadBatch(), Forward(), ComputeLoss(), Backward(), *_clip(clip_ranks),
+                              OptimizerStep(), ReduceLossStats()]
     if topology.clients > 1 and is_aggregation_step(step, aggregate_every, max_steps):
         out.append(AverageAdapters())
     return out
@@ -194,6 +214,9 @@ class Schedule:
     # Heterogeneous split points: server stage 0 holds blocks on behalf of clients that cut
     # earlier, and joins the clients' aggregation for them.
     server_aggregates: bool = False
+    # Gradient clipping by one norm over every rank that trains together (train.clip_scope:
+    # global, with a gradient_clipping threshold); False: each rank's engine clips its own.
+    clip_global: bool = False
 
     @property
     def steps_per_client_step(self) -> int:
@@ -225,16 +248,33 @@ class Schedule:
         return step == self.steps - 1 or self.active_client(step + 1) != self.active_client(step)
 
     # ---------------------------------------------------------------- instructions
+    def clip_ranks(self, step: int) -> Optional[tuple[int, ...]]:
+        """The ranks that train together in step `step` and share one gradient norm (None: no
+        global clipping this run): every rank; a sequential step's active client and the server."""
+        if not self.clip_global or self.mode == "centralized":
+            return None
+        if self.mode == "sequential":
+            return (self.active_client(step), *self.topology.server_ranks)
+        return tuple(range(self.topology.world_size))
+
+    def clip_rank_sets(self) -> list[tuple[int, ...]]:
+        """Every distinct `clip_ranks` of the run (each becomes a process group)."""
+        if not self.clip_global or self.mode == "centralized":
+            return []
+        if self.mode == "sequential":
+            return [(c, *self.topology.server_ranks) for c in self.topology.client_ranks]
+        return [tuple(range(self.topology.world_size))]
+
     def train(self, role: Role, step: int) -> list[Instruction]:
-        topo = self.topology
+        topo, clip = self.topology, self.clip_ranks(step)
         if self.mode == "centralized" or role.kind == "centralized":
             return centralized_step()
         if self.mode == "fedlora":
-            return fedlora_step(topo, step, self.aggregate_every, self.max_steps)
+            return fedlora_step(topo, step, self.aggregate_every, self.max_steps, clip)
         if self.mode == "split":
             if role.is_client:
-                return client_step(topo, step, self.aggregate_every, self.max_steps)
-            out = server_step(topo, role.index)
+                return client_step(topo, step, self.aggregate_every, self.max_steps, clip)
+            out = server_step(topo, role.index, clip_ranks=clip)
             if (self.server_aggregates and role.index == 0 and topo.clients > 1
                     and is_aggregation_step(step, self.aggregate_every, self.max_steps)):
                 out.append(AverageAdapters())
@@ -242,14 +282,16 @@ class Schedule:
         return self._sequential(role, step)
 
     def _sequential(self, role: Role, step: int) -> list[Instruction]:
-        topo, active = self.topology, self.active_client(step)
+        topo, active, clip = self.topology, self.active_client(step), self.clip_ranks(step)
         if role.is_server:
-            return server_step(topo, role.index, clients=(active,))
+            return server_step(topo, role.index, clients=(active,), clip_ranks=clip)
         out: list[Instruction] = []
         last = step == self.steps - 1
         nxt = self.active_client(step + 1) if not last else active
         if role.index == active:
-            out += client_step(topo, step, self.aggregate_every)[:6]  # no averaging in vanilla SL
+            # no averaging in vanilla split learning: the turn ends with a hand-over instead
+            out += [i for i in client_step(topo, step, self.aggregate_every, clip_ranks=clip)
+                    if not isinstance(i, AverageAdapters)]
             if self.turn_ends(step) and nxt != active:
                 out.append(SendAdapters(nxt))
         elif role.index == nxt and self.turn_ends(step):
@@ -259,6 +301,27 @@ class Schedule:
                 out.append(ShareAdapters(active))  # the run ends with one model on every client
             out.append(TurnBarrier())
         return out
+
+    def peers(self, instruction: Instruction, rank: int) -> tuple[int, ...]:
+        """The ranks `instruction` on `rank` waits on: who to name when it fails."""
+        topo = self.topology
+        if isinstance(instruction, (SendActivations, SendAdapters)):
+            return (instruction.dst,)
+        if isinstance(instruction, (RecvGrads, RecvAdapters)):
+            return (instruction.src,)
+        if isinstance(instruction, RecvActivations):
+            return instruction.srcs
+        if isinstance(instruction, SendGrads):
+            return instruction.dsts
+        if isinstance(instruction, ClipGradients):
+            members: list[int] = list(instruction.ranks)
+        elif isinstance(instruction, AverageAdapters):
+            members = topo.client_ranks + ([topo.server_rank(0)] if self.server_aggregates else [])
+        elif isinstance(instruction, (ReduceLossStats, ShareAdapters, TurnBarrier)):
+            members = topo.client_ranks
+        else:
+            return ()
+        return tuple(r for r in members if r != rank)
 
     def before_eval(self, role: Role, step: int) -> list[Instruction]:
         """Instructions before the evaluation that follows step `step`."""

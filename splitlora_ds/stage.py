@@ -8,6 +8,7 @@ the same adapters, and the split model starts exactly where the centralized one 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,42 @@ from .models.weights import load_layer_weights
 from .partition import StagePlan
 
 
+@dataclass
+class SharedBlockGrad:
+    """Heterogeneous split points: how server stage 0's copies of shared blocks weigh each row.
+
+    A block that some clients hold and the server runs for the others (the clients that cut
+    earlier) is aggregated over its holders; for every client's data to count by its FedAvg weight
+    w_c there, the server's copy must train on sum_c (w_c / W_i) x (client c's mean token loss),
+    W_i being the weight of the clients whose rows run block i. The step's loss is the mean over
+    all N tokens, so a row of client c carries N w_c / N_c of that (`row_scale`), divided by W_i
+    per block (`layer_weight`). Only the block's own parameters see the rescaled gradient: the
+    gradient passed down to earlier layers and to the clients is unchanged."""
+
+    row_scale: torch.Tensor  # [rows], in the rows' given order: N w_c / N_c for the row's client c
+    layer_weight: dict[int, float]  # block index -> W_i
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies each row's gradient by `scale` [rows]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scale,) = ctx.saved_tensors
+        return grad * scale.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype), None
+
+
+def _rescaled(layer: nn.Module, x: torch.Tensor, ctx: dict, scale: torch.Tensor) -> torch.Tensor:
+    """layer(x) whose parameters see each row's gradient times `scale`, while the gradient to x is
+    the plain one (rows are independent in a transformer block, so the two scalings cancel there)."""
+    return _ScaleGrad.apply(layer(_ScaleGrad.apply(x, 1.0 / scale), ctx), scale)
+
+
 class Stage(nn.Module):
     def __init__(self, plan: StagePlan, layers: dict[int, nn.Module], context: nn.Module, hidden_size: int):
         super().__init__()
@@ -38,7 +75,8 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor,
                 score_index: Optional[torch.Tensor] = None,
-                row_entry: Optional[torch.Tensor] = None) -> torch.Tensor:
+                row_entry: Optional[torch.Tensor] = None,
+                shared_grad: Optional[SharedBlockGrad] = None) -> torch.Tensor:
         """`score_index`: flat (batch x time) positions the head projects (see
         models.base.scored_positions); None: every position, logits [B, T, V].
 
@@ -46,7 +84,8 @@ class Stage(nn.Module):
         activations enter at; a row skips this stage's layers before that (its client ran them).
         Rows are sorted by entry inside, so the rows running a layer are always a prefix, and put
         back in their given order as soon as every row is in; outputs come back in the input's
-        row order. The row counts are worked out on the CPU: no device sync per layer."""
+        row order. The row counts are worked out on the CPU: no device sync per layer.
+        `shared_grad`: the gradient rule for blocks some rows skip (see SharedBlockGrad)."""
         if row_entry is None or int(row_entry.max()) <= self.plan.start:
             ctx = self._context(attention_mask, score_index)
             for layer in self.layers.values():
@@ -57,6 +96,7 @@ class Stage(nn.Module):
         restore = torch.argsort(order).to(x.device)
         order = order.to(x.device)
         x, mask = x[order], attention_mask[order]
+        row_scale = shared_grad.row_scale[order] if shared_grad is not None else None
         contexts: dict[int, dict] = {}
         sorted_rows = True
         for index, layer in self.layers.items():
@@ -70,7 +110,13 @@ class Stage(nn.Module):
                 continue  # no rows have entered yet (a client with an empty evaluation batch)
             if n not in contexts:
                 contexts[n] = self._context(mask[:n], score_index)
-            x = layer(x, contexts[n]) if n == x.shape[0] else torch.cat([layer(x[:n], contexts[n]), x[n:]])
+            if n == x.shape[0]:
+                x = layer(x, contexts[n])
+            elif row_scale is not None:  # a shared block: some clients hold their own copy
+                scale = row_scale[:n] / shared_grad.layer_weight[int(index)]
+                x = torch.cat([_rescaled(layer, x[:n], contexts[n], scale), x[n:]])
+            else:
+                x = torch.cat([layer(x[:n], contexts[n]), x[n:]])
         return x[restore] if sorted_rows else x
 
     def _context(self, attention_mask: torch.Tensor, score_index: Optional[torch.Tensor]) -> dict:

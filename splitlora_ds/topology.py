@@ -8,9 +8,9 @@ collective call so that a wrong launch fails with a clear message on every rank.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -165,9 +165,12 @@ class Groups:
     # Heterogeneous aggregation: the clients plus server stage 0 when it holds shared blocks,
     # else the client group (None off-group).
     aggregation: Optional[dist.ProcessGroup] = None
+    # Global gradient clipping: a group per set of ranks that train together (None off-group).
+    clip: dict[tuple[int, ...], Optional[dist.ProcessGroup]] = field(default_factory=dict)
 
 
-def make_groups(topology: Topology, rank: int, timeout: timedelta, server_aggregates: bool = False) -> Groups:
+def make_groups(topology: Topology, rank: int, timeout: timedelta, server_aggregates: bool = False,
+                clip_sets: Sequence[tuple[int, ...]] = ()) -> Groups:
     """Create process groups; every rank must call this, in the same order, at the same time.
 
     The timeout is passed explicitly: new groups do not inherit the default group's timeout.
@@ -185,4 +188,8 @@ def make_groups(topology: Topology, rank: int, timeout: timedelta, server_aggreg
         members.append(topology.server_rank(0))
         group = dist.new_group(members, timeout=timeout)
         aggregation = group if rank in members else None
-    return Groups(clients if rank in topology.client_ranks else None, own, aggregation)
+    clip = {}
+    for ranks in clip_sets:
+        group = dist.new_group(list(ranks), timeout=timeout)
+        clip[tuple(ranks)] = group if rank in ranks else None
+    return Groups(clients if rank in topology.client_ranks else None, own, aggregation, clip)

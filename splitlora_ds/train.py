@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import load_config
 from .errors import ConfigError
+from .failures import EXIT_PEER_LOST, PeerLost
+from .topology import Topology
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"splitlora_ds: error: {e}", file=sys.stderr, flush=True)
         return 2
-    train(prep)
+    try:
+        train(prep)
+    except PeerLost as e:
+        layout = Topology(1, 0) if cfg.mode == "centralized" else prep.topology
+        print(f"splitlora_ds: error: {e.describe(layout, prep.rank)}", file=sys.stderr, flush=True)
+        # The process group cannot shut down cleanly with a peer gone (its teardown may wait on
+        # it): leave at once, with the one line above as the only report.
+        os._exit(EXIT_PEER_LOST)
     return 0
 
 

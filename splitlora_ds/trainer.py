@@ -20,11 +20,11 @@ from .aggregation import sample_weights
 from .comm import P2P
 from .config import RunConfig
 from .ds_config import role_ds_config
-from .engine import Exchange, Observer, StageRunner
+from .engine import Exchange, GradClip, Observer, StageRunner
+from .failures import PeerLost
 from .hetero.exchange import layer_of, lora_modules, participant_weights
 from .hetero.importance import ImportanceTracker, replan_, resizable, resize_
 from .schedule import is_aggregation_step
-from .errors import ConfigError
 from .logging import MetricsWriter, Progress
 from .plan_report import setup_report
 from .prepare import Prepared
@@ -43,41 +43,44 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     timeout = timedelta(seconds=cfg.dist.timeout_s)
     layout = Topology(1, 0) if cfg.mode == "centralized" else topology
     setup = prep.setup
-    groups = make_groups(layout, prep.rank, timeout, server_aggregates=setup is not None and setup.shared_blocks)
+    schedule = prep.schedule
+    groups = make_groups(layout, prep.rank, timeout, server_aggregates=setup is not None and setup.shared_blocks,
+                         clip_sets=schedule.clip_rank_sets())
     device = select_device(prep.local_rank)
     torch.manual_seed(cfg.train.seed + 100_003 * prep.rank)  # dropout differs per rank
 
     rss_before_model = current_rss_bytes()
     stage = build_stage(prep.family, prep.hf_config, prep.stage_plan, cfg.lora, cfg.train.seed,
                         cfg.model.pretrained, rank=prep.lora_rank).to(device)
-    schedule = prep.schedule
     # The server batches every client's activations, except in sequential mode (one at a time).
     serves_all = role.kind == "centralized" or (role.is_server and cfg.mode != "sequential")
     micro = cfg.train.batch_size * (topology.clients if serves_all else 1)
     # LR schedules span the optimizer steps this role takes: a sequential server steps for every
     # client's turn, each client only for its own.
     optimizer_steps = schedule.steps if role.is_server else prep.max_steps
-    ds_cfg = role_ds_config(prep.ds_config, micro, optimizer_steps)
+    ds_cfg = role_ds_config(prep.ds_config, micro, optimizer_steps, clips_itself=not prep.clip_global)
     engine, *_ = deepspeed.initialize(model=stage, model_parameters=list(stage.adapter_parameters().values()),
                                       config=ds_cfg, mpu=SingleRankMPU(groups.own, prep.rank))
 
     # gloo cannot move CUDA tensors point to point: stage them through host memory.
     staging = torch.device("cpu") if dist.get_backend() == "gloo" else device
     sample_counts = _sample_counts(prep, groups, staging)
-    weight = sample_weights(sample_counts)[role.index] if role.is_client else 1.0
+    client_weights = sample_weights(sample_counts) if sample_counts else []
+    weight = client_weights[role.index] if role.is_client else 1.0
+    clip = None
+    if prep.clip_global:
+        # A sequential client trains alone with the server in its turn: its gradient is all there is.
+        clip_weight = weight if role.is_client and cfg.mode != "sequential" else 1.0
+        clip = GradClip(float(prep.ds_config["gradient_clipping"]), clip_weight, groups.clip)
 
     wire = _DTYPES[cfg.split.wire_dtype] if cfg.split.wire_dtype else None
     p2p = P2P(device, wire, staging)
     entry_layers = list(prep.plan.entry_layers) if setup is not None and setup.shared_blocks else None
     tracker = ImportanceTracker(cfg.importance.beta) if cfg.importance.enabled else None
-    replans = cfg.importance.replan_threshold is not None
-    if replans and not type(engine.optimizer).__module__.startswith("torch.optim"):
-        raise ConfigError(f"importance.replan_threshold: resizing adapters needs a plain torch optimizer, but "
-                          f"{cfg.deepspeed_config} gives {type(engine.optimizer).__name__} (bf16/fp16 or ZeRO keep "
-                          f"flat copies of the adapters); use an fp32 config without ZeRO")
+    replans = cfg.importance.replan_threshold is not None  # bf16 refused in prepare: torch optimizer here
     runner = StageRunner(role, schedule, stage, engine, p2p, groups, prep.batches, weight, observers,
                          cfg.train.label_smoothing, entry_layers, _exchange(prep, stage, groups, sample_counts),
-                         tracker)
+                         tracker, client_weights, clip)
     start = _restore(prep, stage, engine, p2p, tracker) if prep.resume else 0
     main = (role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)
             or (cfg.mode == "fedlora" and prep.rank == 0))
@@ -110,6 +113,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
                   "comm/bytes_sent": p2p.bytes_sent, "comm/bytes_received": p2p.bytes_received}
         if role.is_client:
             values["comm/adapter_bytes_sent"] = p2p.adapter_bytes_sent
+        if stats.grad_norm is not None:
+            values["train/grad_norm"] = stats.grad_norm
         if tracker is not None:
             values.update({f"importance/{m}": v for m, v in tracker.scores.items()})
             if replans and is_aggregation_step(step, cfg.federation.aggregate_every, max_steps) and step < max_steps - 1:
@@ -155,8 +160,17 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     if main:
         print(f"[splitlora_ds] done: {max_steps - start} steps in {progress.elapsed:.1f} s; "
               f"TensorBoard: tensorboard --logdir {cfg.log.dir}", flush=True)
-    dist.barrier()
+    _barrier(prep, max_steps, "the end of the run")
     dist.destroy_process_group()
+
+
+def _barrier(prep: Prepared, step: int, during: str) -> None:
+    """A barrier of every rank; a rank lost meanwhile is reported as such (see failures)."""
+    try:
+        dist.barrier()
+    except RuntimeError as e:
+        world = dist.get_world_size()
+        raise PeerLost([r for r in range(world) if r != prep.rank], e, step, during) from e
 
 
 def _sample_counts(prep: Prepared, groups, staging: torch.device) -> list[int]:
@@ -199,7 +213,7 @@ def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, s
              "data": [s.state_dict() for s in prep.streams], "bytes": [p2p.bytes_sent, p2p.bytes_received, p2p.adapter_bytes_sent],
              "importance": tracker.state_dict() if tracker is not None else None}
     ckpt.save_rank(directory, prep.role.name, stage.adapter_parameters(), state)
-    dist.barrier()  # every rank's files are in place before the checkpoint is marked complete
+    _barrier(prep, steps_done, "checkpoint")  # every rank's files are in place before the checkpoint is marked complete
     if prep.rank == 0:
         layout = Topology(1, 0) if cfg.mode == "centralized" else prep.topology
         roles = (["centralized"] if cfg.mode == "centralized"
@@ -210,7 +224,7 @@ def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, s
                                     "sample_counts": sample_counts,
                                     "setup": dataclasses.asdict(prep.setup) if prep.setup is not None else None})
         ckpt.prune(cfg.checkpoint.dir, cfg.checkpoint.keep)
-    dist.barrier()  # nobody races ahead into a checkpoint that is still being pruned
+    _barrier(prep, steps_done, "checkpoint")  # nobody races ahead into a checkpoint that is still being pruned
     return str(directory)
 
 
@@ -223,10 +237,7 @@ def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[Importan
             resize_(stage, module, saved.shape[0])
     if tracker is not None and loaded.state.get("importance"):
         tracker.load_state_dict(loaded.state["importance"])
-    params = stage.adapter_parameters()
-    if set(params) != set(loaded.adapters):
-        missing = sorted(set(params) ^ set(loaded.adapters))[:3]
-        raise ConfigError(f"--resume: the checkpoint's {prep.role.name} adapters do not match this stage ({missing})")
+    params = stage.adapter_parameters()  # the same names as the checkpoint's (prepare checked)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(loaded.adapters[name].to(p.device, p.dtype))

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import yaml
+from safetensors.torch import load_file
 
 from splitlora_ds.bench.runs import free_port
+from splitlora_ds.logging import read_scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,3 +81,16 @@ def write_recipe(tmp_path: Path, family: str = "gpt2", **sections) -> Path:
 
 def check(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+
+
+def scalars(run_dir: Path, tag: str = "train/loss") -> list[float]:
+    """The values of one TensorBoard tag of one role's run, in step order."""
+    return [v for _, v in read_scalars(str(run_dir), tag)]
+
+
+def load_adapters(out_dir: Path, roles: list[str]) -> dict:
+    """The final adapters the given roles wrote to train.output_dir, merged into one state dict."""
+    merged = {}
+    for role in roles:
+        merged.update(load_file(str(out_dir / f"{role}.safetensors")))
+    return merged

@@ -2,7 +2,7 @@
 
 import pytest
 
-from _launch import launch, write_recipe
+from _launch import ROOT, launch, write_recipe
 from splitlora_ds.train import main
 
 
@@ -31,6 +31,16 @@ CASES = [
     (["--set", "eval.every=5"], "eval.every: 5, but there is no validation data"),
     (["--set", "data.path=train.csv"], "data.path: 'train.csv' is invalid; data.source=synthetic generates"),
     (["--set", "data.source=e2e", "--set", "data.path=/no/such.csv"], "data.path"),
+    # fused q/v LoRA with a server rank unlike the clients' (heterogeneous split points share blocks)
+    (["--set", "lora.fused_qkv=[q,v]", "--set", "split.client_layers=[1,2]", "--set", "lora.server_rank=8"],
+     "lora.fused_qkv: ['q', 'v'] needs one LoRA rank on every holder of a module"),
+    # found before the first collective call now (once only after deepspeed.initialize)
+    (["--set", "importance.enabled=true", "--set", "importance.replan_threshold=0.3",
+      "--set", f"deepspeed_config={ROOT / 'ds_configs' / 'gpu-bf16.json'}"],
+     "importance.replan_threshold: resizing adapters needs a plain torch optimizer"),
+    (["--set", "lora.target_modules=[wte]", "--set", "split.client_layers=1"],
+     "lora.target_modules: ['wte'] match no module in server0"),
+    (["--set", "model.pretrained=" + str(ROOT / "tests")], "model.pretrained"),
 ]
 
 

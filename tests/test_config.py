@@ -58,6 +58,15 @@ def test_model_config_is_free_form_and_overridable(tmp_path):
     ("", ["importance.replan_threshold=0.3"], "re-planning needs importance.enabled: true"),
     ("", ["importance.enabled=true", "importance.replan_threshold=0.3", "federation.aggregation=fedavg"],
      "re-planning gives modules different ranks"),
+    # q/v-only LoRA keeps a block layout that resizing and the stacked SVD would break
+    ("", ["lora.fused_qkv=[q, v]", "importance.enabled=true", "importance.replan_threshold=0.3",
+          "federation.aggregation=stacked"], "lora.fused_qkv: ['q', 'v'] is invalid; cannot be combined with "
+                                             "importance.replan_threshold"),
+    ("", ["lora.fused_qkv=[q, v]", "federation.aggregation=stacked"],
+     "cannot be combined with federation.aggregation: stacked"),
+    ("", ["lora.fused_qkv=[q, v]", "federation.budgets=[{flops: 1}, {flops: 2}]"],
+     "cannot be combined with federation.budgets"),
+    ("", ["train.clip_scope=server"], "train.clip_scope: 'server' is invalid; use global or role"),
 ])
 def test_bad_recipes_name_the_field(tmp_path, text, overrides, needle):
     with pytest.raises(ConfigError) as e:

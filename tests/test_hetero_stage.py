@@ -76,3 +76,50 @@ def test_per_client_and_per_module_ranks():
                      "layers.2.block.attn.c_attn": 4, "layers.2.block.mlp.c_fc": 4}
     scaling = dict(stage.named_modules())["layers.1.block.mlp.c_fc"].scaling["default"]
     assert scaling == pytest.approx(lora.alpha / 6)
+
+
+def test_shared_block_weighs_rows_by_client_while_input_gradients_stay_plain():
+    """SharedBlockGrad: the shared block's adapters see each row's gradient times row_scale / W,
+    every other parameter and the gradient handed back to the rows are exactly the plain ones."""
+    config = tiny_config("gpt2")
+    lora = LoraConfig(rank=2, target_modules=["c_attn"])
+    plan = make_split_plan(L, [2, 1], server_stages=1)  # layer 2 is shared: rows with entry 2 run it
+    server = build_stage(get_family("gpt2"), config, plan.server[0], lora, seed=3).eval()  # no dropout
+    with torch.no_grad():  # B != 0 so that A gets a gradient too
+        for p in server.adapter_parameters().values():
+            p.normal_(0.0, 0.1)
+    x0 = torch.randn(4, 5, 32)
+    mask = torch.ones(4, 5, dtype=torch.long)
+    row_entry = torch.tensor([2, 3, 2, 3])
+    row_scale = torch.tensor([3.0, 5.0, 0.5, 5.0])  # rows 0 and 2 run the shared block
+    weight = 0.25
+
+    def grads(shared_grad):
+        server.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        (server(x, mask, row_entry=row_entry, shared_grad=shared_grad) ** 2).sum().backward()
+        return x.grad, {n: p.grad.clone() for n, p in server.adapter_parameters().items()}
+
+    from splitlora_ds.stage import SharedBlockGrad
+
+    plain_x, plain = grads(None)
+    scaled_x, scaled = grads(SharedBlockGrad(row_scale, {2: weight, 3: 1.0, 4: 1.0}))
+    torch.testing.assert_close(scaled_x, plain_x, rtol=1e-5, atol=1e-7)
+    for name in plain:
+        if name.startswith("layers.2."):
+            continue
+        torch.testing.assert_close(scaled[name], plain[name], rtol=1e-5, atol=1e-7)
+    # The shared block alone, row by row: its parameter gradient is the row-weighted sum.
+    shared = [n for n in plain if n.startswith("layers.2.")]
+    per_row = []
+    for r in (0, 2):
+        server.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        keep = torch.zeros(4, 1, 1)
+        keep[r] = 1.0
+        out = server(x, mask, row_entry=row_entry)
+        (out ** 2 * keep).sum().backward()
+        per_row.append({n: server.adapter_parameters()[n].grad.clone() for n in shared})
+    for name in shared:
+        expected = (row_scale[0] / weight) * per_row[0][name] + (row_scale[2] / weight) * per_row[1][name]
+        torch.testing.assert_close(scaled[name], expected, rtol=1e-4, atol=1e-6)

@@ -1,4 +1,5 @@
-"""A rank that dies or hangs mid-run makes the others exit non-zero within dist.timeout_s."""
+"""A rank that dies or hangs mid-run makes the others exit non-zero within dist.timeout_s, each
+with one line naming the lost role, its rank and the step, and no traceback."""
 
 import os
 import signal
@@ -48,8 +49,19 @@ def test_peers_exit_nonzero_within_timeout(tmp_path, fault):
         for p in others:
             p.wait(timeout=TIMEOUT_S + 60)
         elapsed = time.time() - t0
-        assert all(p.returncode != 0 for p in others), [p.returncode for p in others]
+        assert all(p.returncode == 3 for p in others), [p.returncode for p in others]
         assert elapsed < TIMEOUT_S + 60
+        # Every survivor names the peer it was waiting on when it failed; ranks that wait on
+        # another survivor may see that one leave first, so the lost rank is named by at least one.
+        lost = "server0 (rank 2)" if fault == "server hangs" else "client1 (rank 1)"
+        lines = []
+        for p in others:
+            out = p.stdout.read()
+            errors = [line for line in out.splitlines() if line.startswith("splitlora_ds: error:")]
+            assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
+            assert " at step " in errors[0] and "--resume latest" in errors[0], errors[0]
+            lines.append(errors[0])
+        assert any(lost in line for line in lines), lines
     finally:
         for p in procs:
             if p.poll() is None:

@@ -103,3 +103,45 @@ def test_sequential_with_one_client_is_the_split_step():
     for step in range(4):
         for r in range(3):
             assert seq.train(topo.role_of(r), step) == split.train(topo.role_of(r), step)
+
+
+def test_global_clipping_joins_exactly_the_ranks_that_train_together():
+    topo = Topology(clients=2, server_stages=2)
+    for mode in ("split", "sequential", "fedlora"):
+        layout = Topology(2, 0) if mode == "fedlora" else topo
+        schedule = S.Schedule(mode, layout, aggregate_every=2, max_steps=3, clip_global=True)
+        for step in range(schedule.steps):
+            clips = {r: [i for i in schedule.train(layout.role_of(r), step) if isinstance(i, S.ClipGradients)]
+                     for r in range(layout.world_size)}
+            joined = {r for r, found in clips.items() if found}
+            expected = set(schedule.clip_ranks(step))
+            assert joined == expected, (mode, step)
+            assert all(clips[r] == [S.ClipGradients(schedule.clip_ranks(step))] for r in joined)
+            assert tuple(sorted(expected)) in schedule.clip_rank_sets()
+            for r in joined:  # the norm is taken after the backward and before the optimizer step
+                kinds = [type(i) for i in schedule.train(layout.role_of(r), step)]
+                assert kinds.index(S.Backward) < kinds.index(S.ClipGradients) == kinds.index(S.OptimizerStep) - 1
+    sequential = S.Schedule("sequential", topo, aggregate_every=2, max_steps=3, clip_global=True)
+    assert [sequential.clip_ranks(s) for s in range(4)] == [(0, 2, 3), (0, 2, 3), (1, 2, 3), (1, 2, 3)]
+
+
+def test_no_clipping_instruction_unless_global_clipping_is_on():
+    topo = Topology(clients=2, server_stages=1)
+    for clip_global, mode in ((False, "split"), (True, "centralized")):
+        schedule = S.Schedule(mode, topo, aggregate_every=1, max_steps=2, clip_global=clip_global)
+        roles = [topo.role_of(r) for r in range(topo.world_size)]
+        assert not any(isinstance(i, S.ClipGradients) for role in roles for i in schedule.train(role, 0))
+        assert schedule.clip_rank_sets() == []
+
+
+def test_peers_name_whom_an_instruction_waits_on():
+    topo = Topology(clients=3, server_stages=2)
+    schedule = S.Schedule("split", topo, aggregate_every=1, max_steps=2, server_aggregates=True, clip_global=True)
+    assert schedule.peers(S.RecvGrads(3), 0) == (3,)
+    assert schedule.peers(S.SendActivations(4), 3) == (4,)
+    assert schedule.peers(S.RecvActivations((0, 1, 2)), 3) == (0, 1, 2)
+    assert schedule.peers(S.SendGrads((0, 1, 2)), 3) == (0, 1, 2)
+    assert schedule.peers(S.AverageAdapters(), 1) == (0, 2, 3)  # server stage 0 holds shared blocks
+    assert schedule.peers(S.ClipGradients((0, 1, 2, 3, 4)), 4) == (0, 1, 2, 3)
+    assert schedule.peers(S.TurnBarrier(), 2) == (0, 1)
+    assert schedule.peers(S.Forward(), 0) == ()

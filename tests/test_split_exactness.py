@@ -1,9 +1,8 @@
 """With one client, I = 1 and plain SGD, split training is centralized LoRA, number for number."""
 
 import pytest
-from safetensors.torch import load_file
 
-from _launch import check, launch, run_single, write_recipe
+from _launch import check, launch, load_adapters, run_single, scalars, write_recipe
 from splitlora_ds.logging import read_scalars
 
 pytestmark = pytest.mark.launcher
@@ -13,24 +12,13 @@ pytestmark = pytest.mark.launcher
 EVAL = {"data": {"num_samples": 64, "validation_fraction": 0.25}, "eval": {"every": 2}}
 
 
-def losses(run_dir, tag="train/loss"):
-    return [v for _, v in read_scalars(str(run_dir), tag)]
-
-
-def adapters(out_dir, names):
-    merged = {}
-    for n in names:
-        merged.update(load_file(str(out_dir / f"{n}.safetensors")))
-    return merged
-
-
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def centralized(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"central-{request.param}")
     recipe = write_recipe(tmp, request.param, mode="centralized", train={"output_dir": str(tmp / "out")}, **EVAL)
     check(run_single(["--recipe", str(recipe)]))
-    return (request.param, losses(tmp / "tb" / "centralized"), adapters(tmp / "out", ["centralized"]),
-            losses(tmp / "tb" / "centralized", "eval/loss"))
+    return (request.param, scalars(tmp / "tb" / "centralized"), load_adapters(tmp / "out", ["centralized"]),
+            scalars(tmp / "tb" / "centralized", "eval/loss"))
 
 
 @pytest.mark.parametrize("server_stages,client_layers", [(1, 2), (2, 1)])
@@ -40,16 +28,16 @@ def test_split_equals_centralized(centralized, tmp_path, server_stages, client_l
                           train={"output_dir": str(tmp_path / "out")}, **EVAL)
     check(launch(1 + server_stages, ["--recipe", str(recipe)]))
     last = f"server{server_stages - 1}"
-    split_losses = losses(tmp_path / "tb" / last)
+    split_losses = scalars(tmp_path / "tb" / last)
     assert len(split_losses) == len(ref_losses) == 4
     assert max(abs(a - b) for a, b in zip(split_losses, ref_losses)) <= 1e-5
     assert ref_losses[-1] < ref_losses[0]  # SGD actually moved the adapters
-    split_eval = losses(tmp_path / "tb" / last, "eval/loss")
+    split_eval = scalars(tmp_path / "tb" / last, "eval/loss")
     assert len(split_eval) == len(ref_eval) == 2
     assert max(abs(a - b) for a, b in zip(split_eval, ref_eval)) <= 1e-5
 
     roles = ["client0"] + [f"server{s}" for s in range(server_stages)]
-    split_adapters = adapters(tmp_path / "out", roles)
+    split_adapters = load_adapters(tmp_path / "out", roles)
     assert sorted(split_adapters) == sorted(ref_adapters)
     diff = max((split_adapters[k] - ref_adapters[k]).abs().max().item() for k in ref_adapters)
     assert diff <= 1e-5
@@ -67,6 +55,6 @@ def test_bf16_wire_halves_traffic_and_stays_close(centralized, tmp_path):
     sent = {w: read_scalars(str(d / "client0"), "comm/bytes_sent")[-1][1] for w, d in runs.items()}
     # Activations dominate what a client sends; masks, labels and headers stay int64.
     assert 0.5 < sent["bfloat16"] / sent["float32"] < 0.75
-    wire_losses = losses(runs["bfloat16"] / "server0")
+    wire_losses = scalars(runs["bfloat16"] / "server0")
     assert max(abs(a - b) for a, b in zip(wire_losses, ref_losses)) < 1e-2
-    assert losses(runs["float32"] / "server0") == pytest.approx(ref_losses, abs=1e-5)
+    assert scalars(runs["float32"] / "server0") == pytest.approx(ref_losses, abs=1e-5)

@@ -96,7 +96,7 @@ def _orthonormal_complement(rows: torch.Tensor, n: int) -> torch.Tensor:
     d = rows.shape[1]
     if rows.shape[0] + n > d:
         raise ValueError(f"cannot hold rank {rows.shape[0] + n} adapters on a {d}-wide input")
-    basis = torch.linalg.qr(torch.cat([rows, torch.eye(d, dtype=rows.dtype)]).T)[0].T
+    basis = torch.linalg.qr(torch.cat([rows, torch.eye(d, dtype=rows.dtype, device=rows.device)]).T)[0].T
     return basis[rows.shape[0]:rows.shape[0] + n]
 
 

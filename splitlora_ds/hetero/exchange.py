@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError
 from .aggregation import aggregate_state_dicts, factor_names
 
 
@@ -47,26 +46,27 @@ def participant_weights(modules: Mapping[str, object], client: Optional[int], cl
 
 @torch.no_grad()
 def exchange_(stage: nn.Module, weights: Mapping[str, float], modules: set[str], method: str,
-              group: Optional[dist.ProcessGroup]) -> int:
+              group: Optional[dist.ProcessGroup], masters: Optional[Mapping[str, torch.Tensor]] = None) -> int:
     """Aggregate the adapters of `modules` with every participant of `group`, in place
-    (`aggregation.aggregate_state_dicts` over the gathered state dicts).
+    (`aggregation.aggregate_state_dicts` over the gathered state dicts). `masters`: the optimizer's
+    full-precision copies by parameter name (bf16 runs), read and written instead of the parameters.
     Returns the bytes of this participant's own adapters (what it uploads, and downloads back)."""
     own = {name: v for name, v in lora_modules(stage).items() if name in modules}
     params = dict(stage.named_parameters())
+    tensors = masters if masters is not None else params
     keys = factor_names(params)
-    state = {key: params[key].detach().cpu() for name in own for key in keys[name]}
+    state = {key: tensors[key].detach().cpu() for name in own for key in keys[name]}
     mine = (state, {m: weights[m] for m in own}, {m: scale for m, (_A, _B, scale) in own.items()})
     gathered: list[tuple] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
     dist.all_gather_object(gathered, mine, group=group)
     # Only the modules this participant holds: the others are the other holders' business.
     states, weights_of, scales_of = zip(*[_restrict(g, set(own)) for g in gathered])
-    try:
-        new = aggregate_state_dicts(states, weights_of, scales_of, method=method)[dist.get_rank(group)]
-    except ValueError as e:
-        raise ConfigError(f"aggregation: {e}") from e
+    # Inputs were validated before the run (hetero.setup): a ValueError here is a bug, not a
+    # user error, and propagates as such.
+    new = aggregate_state_dicts(states, weights_of, scales_of, method=method)[dist.get_rank(group)]
     for key, value in new.items():
-        params[key].copy_(value.to(params[key].dtype))
-    return sum(params[k].numel() * params[k].element_size() for k in new)
+        tensors[key].copy_(value.to(tensors[key].dtype))
+    return sum(tensors[k].numel() * tensors[k].element_size() for k in new)
 
 
 def _restrict(part: tuple[dict, dict, dict], modules: set[str]) -> tuple[dict, dict, dict]:

@@ -12,17 +12,21 @@ alpha scaled by n so alpha/r is unchanged) whose B is block-diagonal:
 
 Checkpoints and exported adapters stay plain PEFT. The off-block entries of B start at zero and a
 gradient hook keeps their gradient zero, so no optimizer (SGD, Adam, AdamW's decoupled decay) and
-no FedAvg ever moves them.
+no FedAvg ever moves them. The hook reads the pinned entries from a (non-persistent) buffer of the
+lora_B module at call time, never from a tensor it captured: buffers follow `.to(device)`, a
+captured tensor would stay on the CPU and fail against a CUDA gradient.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
 from torch import nn
 
 SLICES = ("q", "k", "v")
+PINNED_BUFFER = "fused_qkv_pinned"  # bool [3*hidden, n*r] on lora_B: True where B stays zero
 
 
 def block_mask(hidden: int, rank: int, keep: Sequence[str]) -> torch.Tensor:
@@ -46,9 +50,14 @@ def restrict_fused_qkv(layer: nn.Module, module_suffix: str, hidden: int, rank: 
             expected = (3 * hidden, len(keep) * rank)
             if tuple(weight.shape) != expected:
                 raise ValueError(f"{name}: lora_B is {tuple(weight.shape)}, expected {expected}")
-            mask = block_mask(hidden, rank, keep).to(weight.device)
+            pinned_entries = ~block_mask(hidden, rank, keep).to(weight.device)
             with torch.no_grad():
-                weight.masked_fill_(~mask, 0.0)
-            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
+                weight.masked_fill_(pinned_entries, 0.0)
+            lora_b.register_buffer(PINNED_BUFFER, pinned_entries, persistent=False)
+            weight.register_hook(partial(_zero_pinned_grad, lora_b))
             pinned += weight.numel() - len(keep) * hidden * rank  # counted, not summed: works on meta
     return pinned
+
+
+def _zero_pinned_grad(lora_b: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    return grad.masked_fill(getattr(lora_b, PINNED_BUFFER), 0.0)

@@ -70,6 +70,28 @@ def load_layer_weights(layer: nn.Module, spec: LayerSpec, source: str) -> None:
     Works before or after LoRA injection (peft's `.base_layer.` is stripped; adapters are skipped).
     Strict for parameters; buffers missing from the checkpoint keep their built value.
     """
+    for path, items in _copy_plan(layer, spec, source).items():  # each needed file opened once; others never
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                _copy(items, f.get_tensor, source)
+        else:
+            state = _load_bin(path)
+            _copy(items, state.__getitem__, source)
+
+
+def check_layer_weights(layer: nn.Module, spec: LayerSpec, source: str) -> None:
+    """ConfigError unless `source` holds every parameter of `layer` at its shape (a meta-device
+    layer will do): what `load_layer_weights` would refuse, found from headers alone, so that a
+    run refuses a wrong checkpoint before its first collective call."""
+    for path, items in _copy_plan(layer, spec, source).items():
+        if path.suffix != ".safetensors":
+            continue  # .bin shapes need the tensors themselves; load_layer_weights checks them
+        with safe_open(str(path), framework="pt") as f:
+            _check_shapes(items, lambda key: tuple(f.get_slice(key).get_shape()), source)
+
+
+def _copy_plan(layer: nn.Module, spec: LayerSpec, source: str) -> dict[Path, list[tuple[str, str, torch.Tensor]]]:
+    """{checkpoint file: [(layer tensor name, checkpoint key, layer tensor)]} for `layer`."""
     root = resolve_source(source)
     index = _key_index(root, source)
     plan: dict[Path, list[tuple[str, str, torch.Tensor]]] = {}
@@ -84,23 +106,21 @@ def load_layer_weights(layer: nn.Module, spec: LayerSpec, source: str) -> None:
                 )
             continue
         plan.setdefault(index[key], []).append((name, key, tensor))
+    return plan
 
-    for path, items in plan.items():  # each needed file opened once; others never
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                _copy(items, f.get_tensor, source)
-        else:
-            state = _load_bin(path)
-            _copy(items, state.__getitem__, source)
+
+def _check_shapes(items: list[tuple[str, str, torch.Tensor]], shape_of, source: str) -> None:
+    for name, key, dst in items:
+        if shape_of(key) != tuple(dst.shape):
+            raise ConfigError(
+                f"model.pretrained: {source!r} key {key!r} has shape {shape_of(key)}, "
+                f"layer parameter {name!r} needs {tuple(dst.shape)} (check model.config overrides)"
+            )
 
 
 def _copy(items: list[tuple[str, str, torch.Tensor]], get, source: str) -> None:
     with torch.no_grad():
-        for name, key, dst in items:
-            src = get(key)
-            if tuple(src.shape) != tuple(dst.shape):
-                raise ConfigError(
-                    f"model.pretrained: {source!r} key {key!r} has shape {tuple(src.shape)}, "
-                    f"layer parameter {name!r} needs {tuple(dst.shape)} (check model.config overrides)"
-                )
-            dst.copy_(src)
+        for item in items:
+            src = get(item[1])
+            _check_shapes([item], lambda _key: tuple(src.shape), source)
+            item[2].copy_(src)

@@ -1,5 +1,6 @@
 """Runs splitlora_ds.train and records each rank's adapters after every optimizer step and
-every averaging or hand-over (tests/test_federation.py, test_sequential.py, test_hetero.py)."""
+every averaging or hand-over (tests/test_federation.py, test_sequential.py, test_hetero.py).
+With --masters, also the optimizer's fp32 masters, as "<step>/<tag>/master/<name>" (bf16 runs)."""
 
 import sys
 
@@ -13,6 +14,9 @@ from splitlora_ds.trainer import train
 
 out_dir = sys.argv.pop(sys.argv.index("--out") + 1)
 sys.argv.remove("--out")
+masters = "--masters" in sys.argv
+if masters:
+    sys.argv.remove("--masters")
 args = parse_args(sys.argv[1:])
 prep = prepare(load_config(args.recipe, args.overrides))
 snapshots = {}
@@ -23,7 +27,9 @@ def record(step, instruction, runner):
            S.RecvAdapters: "recv"}.get(type(instruction))
     if tag:
         for name, p in runner.stage.adapter_parameters().items():
-            snapshots[f"{step}/{tag}/{name}"] = p.detach().clone()
+            snapshots[f"{step}/{tag}/{name}"] = p.detach().cpu().clone()
+            if masters:
+                snapshots[f"{step}/{tag}/master/{name}"] = runner.masters[name].detach().cpu().clone()
 
 
 train(prep, observers=[record])
