@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import ds_config_schema as schema
 from .errors import ConfigError
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -36,13 +37,16 @@ def load_ds_config(path: str) -> dict:
 
 def check_ds_config(cfg: dict, path: str) -> None:
     """Reject settings the split engine cannot honour, naming the key."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"deepspeed_config: {path} must hold a JSON object, not {type(cfg).__name__}")
     for key in _BATCH_KEYS:
         if key in cfg and not (key == "gradient_accumulation_steps" and cfg[key] == 1):
             raise ConfigError(
                 f"deepspeed_config: {path} sets '{key}'; the trainer derives batch sizes from "
                 "train.batch_size (per client) and federation.clients, so remove it")
-    if "optimizer" not in cfg or "type" not in cfg.get("optimizer", {}):
+    if not isinstance(cfg.get("optimizer"), dict) or "type" not in cfg["optimizer"]:
         raise ConfigError(f"deepspeed_config: {path} has no optimizer.type (e.g. AdamW or SGD)")
+    schema.check_with_deepspeed_parser(cfg, path)  # unknown keys; sections DeepSpeed validates itself
     if cfg.get("fp16", {}).get("enabled", False):
         raise ConfigError(
             f"deepspeed_config: {path} enables fp16; dynamic loss scaling does not carry across the "
@@ -52,6 +56,19 @@ def check_ds_config(cfg: dict, path: str) -> None:
         raise ConfigError(
             f"deepspeed_config: {path} sets zero_optimization.stage={stage}; every rank is its own "
             "data-parallel world here, so ZeRO has nothing to shard: use stage 0")
+    _check_training_values(cfg, path)
+
+
+def _check_training_values(cfg: dict, path: str) -> None:
+    """Values DeepSpeed would only refuse at deepspeed.initialize (a traceback on some ranks, a
+    hang on the others): clipping, optimizer and scheduler, checked against DeepSpeed's classes."""
+    schema.check_gradient_clipping(cfg, path)
+    schema.check_optimizer(cfg, path)
+    sched = cfg.get("scheduler")
+    sched_type = sched.get("type") if isinstance(sched, dict) else None
+    # role_ds_config fills total_num_steps with the run length for these; any positive count stands in.
+    fills = {"total_num_steps": 1} if sched_type in _SCHEDULERS_WITH_TOTAL else {}
+    schema.check_scheduler(cfg, path, fills)
 
 
 def role_ds_config(base: dict, micro_batch: int, max_steps: int, clips_itself: bool = True) -> dict:
