@@ -228,16 +228,13 @@ def _known_optimizer_names() -> list[str]:
 
 def _adam_classes(name: str, params: dict) -> tuple[list[type], type]:
     """(classes DeepSpeed may build for Adam/AdamW with these params, torch class to check values).
-    torch_adam true means torch's class; false means FusedAdam; unset, the trainer picks per
-    machine (role_ds_config), so a param either backend takes is accepted."""
+    torch_adam true (or unset: role_ds_config defaults it to true) means torch's class; false
+    means DeepSpeed's FusedAdam."""
     from deepspeed.ops.adam import FusedAdam
 
     adam_w = name == "adamw" or params.get("adam_w_mode", True)  # DeepSpeed's own rule
     torch_cls = torch.optim.AdamW if adam_w else torch.optim.Adam
-    torch_adam = params.get("torch_adam")
-    if torch_adam is None:
-        return [torch_cls, FusedAdam], torch_cls
-    return ([torch_cls] if torch_adam else [FusedAdam]), torch_cls
+    return ([torch_cls] if params.get("torch_adam", True) else [FusedAdam]), torch_cls
 
 
 def _optimizer_classes(name: str, params: dict, path: str) -> tuple[list[type], Optional[type]]:

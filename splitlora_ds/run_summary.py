@@ -19,6 +19,8 @@ import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .flops import CPU_ATTENTION_FLOPS
+
 T = TypeVar("T")
 
 
@@ -59,7 +61,7 @@ class RunSummary:
         """Run `step` (returning StepStats), counting FLOPs until one step has computed something."""
         if self._flops_per_position:
             return step()
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=dict(CPU_ATTENTION_FLOPS))
         with counter:
             out = step()
         if out.positions:

@@ -52,7 +52,8 @@ def test_shipped_ds_configs_validate_unchanged(path):
 GOOD = {
     "base": lambda cfg: None,
     "adam-lowercase-fused-params": lambda cfg: cfg.update(
-        optimizer={"type": "adam", "params": {"lr": 1e-3, "bias_correction": True, "adam_w_mode": False}}),
+        optimizer={"type": "adam", "params": {"lr": 1e-3, "bias_correction": True, "adam_w_mode": False,
+                                              "torch_adam": False}}),
     "sgd-nesterov": lambda cfg: cfg.update(
         optimizer={"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "nesterov": True}}),
     "torch-rmsprop": lambda cfg: cfg.update(optimizer={"type": "RMSprop", "params": {"lr": 0.01, "alpha": 0.9}}),
@@ -99,6 +100,8 @@ BAD = [
     (opt_params(weight_decy=0.01), "optimizer.params: unknown key 'weight_decy' for AdamW (built as "
                                    "torch.optim.AdamW); did you mean 'weight_decay'?"),
     (opt_params(bias_correction=False), "optimizer.params: unknown key 'bias_correction' for AdamW"),  # FusedAdam's
+    (lambda cfg: cfg.update(optimizer={"type": "AdamW", "params": {"lr": 1e-3, "bias_correction": True}}),
+     "optimizer.params: unknown key 'bias_correction' for AdamW"),  # unset torch_adam means torch's AdamW
     (opt_params(max_grad_norm=1.0), "optimizer.params.max_grad_norm: not an optimizer parameter in DeepSpeed; "
                                     "use the top-level 'gradient_clipping'"),
     (lambda cfg: cfg["optimizer"].update(type="AdamX"), "optimizer.type: unknown optimizer 'AdamX'; did you mean"),
@@ -205,3 +208,37 @@ def test_deepspeed_own_adam_params_are_the_ones_its_engine_pops():
     assert _DS_ADAM_PARAMS == (TORCH_ADAM_PARAM, ADAM_W_MODE, "fp32_optimizer_states")
     for popped in ("pop(TORCH_ADAM_PARAM", "pop(ADAM_W_MODE", "pop('fp32_optimizer_states'"):
         assert popped in source
+
+
+def test_adam_runs_as_torch_unless_fused_is_asked_for():
+    from splitlora_ds.ds_config import role_ds_config
+
+    base = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    assert role_ds_config(base, 4, 10)["optimizer"]["params"]["torch_adam"] is True
+    fused = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": False}}}
+    assert role_ds_config(fused, 4, 10)["optimizer"]["params"]["torch_adam"] is False
+
+
+def test_fused_adam_without_cuda_is_refused_before_the_run(monkeypatch):
+    from splitlora_ds.ds_config import check_fused_adam
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    check_fused_adam({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, "x.json")  # torch's: fine
+    with pytest.raises(ConfigError, match=r"optimizer.params.torch_adam: false in x.json asks for DeepSpeed's FusedAdam"):
+        check_fused_adam({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": False}}}, "x.json")
+
+
+def test_fused_adam_on_cuda_needs_a_prebuilt_op_or_nvcc(monkeypatch):
+    from deepspeed.git_version_info import installed_ops
+
+    from splitlora_ds.ds_config import check_fused_adam
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setitem(installed_ops, "fused_adam", False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setenv("CUDA_HOME", "/no/cuda")
+    fused = {"optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": False}}}
+    with pytest.raises(ConfigError, match="no CUDA toolkit"):
+        check_fused_adam(fused, "x.json")
+    monkeypatch.setitem(installed_ops, "fused_adam", True)
+    check_fused_adam(fused, "x.json")  # prebuilt into DeepSpeed: nothing to compile

@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import resource
 import time
-from types import MappingProxyType
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
-aten = torch.ops.aten
-
-
-def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-# torch's FlopCounterMode knows the CUDA attention kernels (flash, efficient, cuDNN) but not the
-# CPU one sdpa dispatches to, so on the CPU it would count no attention at all. Same formulas.
-CPU_ATTENTION_FLOPS = MappingProxyType({
-    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-})
-
+from ..flops import CPU_ATTENTION_FLOPS
 
 def count_flops(step: Callable[[], None]) -> int:
     """FLOPs of one call, as run_summary does it: torch's FlopCounterMode counts the matmuls and
