@@ -16,8 +16,11 @@ the paraphrase table), so the data is the official data and comes from PyPI:
 * per segment the best-scoring reference is kept; the corpus score is computed from the summed
   sufficient statistics (the jar's EVAL line), not by averaging segment scores.
 
-Not reproduced: the jar's text normalizer is approximated by mteval-13a tokenization (which it
-follows), and Java String.hashCode collisions are ignored.
+* summing segments, the jar leaves out the chunk count of a segment that matches its reference
+  entirely in one chunk (MeteorStats.addStats), so a corpus of exact matches scores 1.
+
+The text is expected already normalized as the jar's `-norm` does it (see meteor_norm.py).
+Not reproduced: Java String.hashCode collisions are ignored.
 """
 
 from __future__ import annotations
@@ -126,7 +129,16 @@ class MeteorStats:
                              (self.ref_content, o.ref_content), (self.ref_function, o.ref_function)):
             for k in range(4):
                 mine[k] += theirs[k]
-        self.chunks += o.chunks
+        # MeteorStats.addStats leaves out the chunk of a segment that matches its reference
+        # entirely in one chunk, so a corpus of exact matches scores 1, not 1 - gamma * ...
+        if not o.is_whole_match():
+            self.chunks += o.chunks
+
+    def is_whole_match(self) -> bool:
+        """Every word on both sides matched, in a single chunk (the jar's `test = ref` case)."""
+        return (sum(self.test_content) + sum(self.test_function) == self.test_len
+                and sum(self.ref_content) + sum(self.ref_function) == self.ref_len
+                and self.chunks == 1)
 
     def score(self) -> float:
         """MeteorScorer.computeMetrics: weighted P and R, Fmean, fragmentation penalty."""
@@ -143,7 +155,7 @@ class MeteorStats:
             return 0.0
         p, r = test_w / test_w_len, ref_w / ref_w_len
         fmean = 1.0 / ((1 - ALPHA) / p + ALPHA / r)
-        if test_m == self.test_len and ref_m == self.ref_len and self.chunks == 1:
+        if self.is_whole_match():
             frag = 0.0  # identical strings get no penalty at all
         else:
             frag = self.chunks / ((test_m + ref_m) / 2)
