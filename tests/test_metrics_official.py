@@ -32,7 +32,7 @@ from splitlora_ds.evaluate import java as java_mod
 from splitlora_ds.evaluate.java import java_available, pycocoevalcap_file, resolve_impl
 from splitlora_ds.evaluate.meteor import MeteorScorer, MeteorStats, load_jar_resources
 from splitlora_ds.evaluate.meteor_norm import normalize_line
-from splitlora_ds.evaluate.metrics import _fix, load_references, main, nist, score
+from splitlora_ds.evaluate.metrics import _fix, load_references, main, nist, score, score_many
 from splitlora_ds.evaluate.ptb import coco_tokens, ptb_tokenize_jar, ptb_tokenize_python
 
 DEVSET = Path(__file__).resolve().parents[1].parent / "shared/data/e2e/devset.csv"
@@ -95,12 +95,14 @@ def devset() -> tuple[list[str], list[list[str]]]:
 
 @pytest.fixture(scope="module", params=["jar", "python"])
 def official_run(request, devset) -> tuple[str, dict[str, dict]]:
-    """Scores of all three sets with one implementation, computed once per module (~20 s a set)."""
+    """Scores of all three sets with one implementation, computed once per module (one METEOR
+    load for the three: ~35 s with the jar, ~45 s in Python on 2 cores)."""
     impl = request.param
     if impl == "jar" and not java_available():
         pytest.skip("no Java runtime: the jar path cannot run here")
     mrs, refs = devset
-    return impl, {name: score(hyps, refs, impl=impl) for name, hyps in hypothesis_sets(mrs, refs).items()}
+    sets = hypothesis_sets(mrs, refs)
+    return impl, dict(zip(sets, score_many(list(sets.values()), refs, impl=impl)))
 
 
 @needs_devset
@@ -213,7 +215,8 @@ def test_impl_choice(monkeypatch, tmp_path):
         assert resolve_impl("auto") == "python"
         with pytest.raises(ConfigError, match="'jar' needs a Java runtime"):
             resolve_impl("jar")
-        s = score(["The Eagle is a pub."], [["The Eagle is a pub.", "A pub: The Eagle."]])
+        s = score(["The Eagle is a pub."], [["The Eagle is a pub.", "A pub: The Eagle."]],
+                  meteor_paraphrase=False)
         assert (s["meteor_impl"], s["tokenizer_impl"], s["meteor"]) == ("python", "python", 1.0)
     finally:
         java_mod.java_available.cache_clear()
@@ -235,3 +238,16 @@ def test_cli_impl_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--hyp", str(hyp), "--refs", str(refs), "--out", str(out), "--impl", "perl"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("impl", ["python", pytest.param("jar", marks=needs_java)])
+def test_score_many_equals_score_per_set(impl):
+    refs = [["The Eagle is a cheap pub near the river.", "A cheap pub, The Eagle, is by the river."],
+            ["Zizzi serves Italian food in the city centre.", "Italian food is served at Zizzi."]]
+    sets = [["The Eagle is a pub by the river.", "Zizzi is an Italian place."],
+            ["A cheap pub, The Eagle, is by the river.", "Italian food is served at Zizzi."]]
+    many = score_many(sets, refs, impl=impl, meteor_paraphrase=False)
+    assert many == [score(s, refs, impl=impl, meteor_paraphrase=False) for s in sets]
+    assert many[1]["meteor"] == 1.0 > many[0]["meteor"]
+    with pytest.raises(ConfigError, match="no hypothesis sets"):
+        score_many([], refs)

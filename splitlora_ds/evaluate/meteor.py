@@ -279,13 +279,14 @@ class MeteorScorer:
                 if h != r and not syn1[i].isdisjoint(syn2[j]):
                     add(Match(j, 1, i, 1, SYNONYM))
         if self.paraphrases:
+            in_hyp, in_ref = _Positions(hyp), _Positions(ref)
             for j in range(len(ref)):  # reference phrase -> paraphrase found in the hypothesis
                 for length, par in self._phrases_at(ref, j):
-                    for i in _find(hyp, par):
+                    for i in in_hyp.find(par):
                         add(Match(j, length, i, len(par), PARAPHRASE))
             for i in range(len(hyp)):  # hypothesis phrase -> paraphrase found in the reference
                 for length, par in self._phrases_at(hyp, i):
-                    for j in _find(ref, par):
+                    for j in in_ref.find(par):
                         add(Match(j, len(par), i, length, PARAPHRASE))
         return by_start, cov1, cov2
 
@@ -372,6 +373,13 @@ class MeteorScorer:
 
     def segment_stats(self, hyp: Sequence[str], refs: Sequence[Sequence[str]]) -> MeteorStats:
         """Statistics against the best-scoring reference (the first one on ties)."""
+        # Only an identical reference scores 1 (P = R = 1 needs every word matched exactly, no
+        # penalty needs a single chunk), so the first identical one wins: the rest need no
+        # alignment. (Not for an empty hypothesis: every reference scores 0, the first wins.)
+        if hyp:
+            same = next((ref for ref in refs if list(ref) == list(hyp)), None)
+            if same is not None:
+                return self.pair_stats(hyp, same)
         best, best_score = MeteorStats(), -1.0
         for ref in refs:
             s = self.pair_stats(hyp, ref)
@@ -387,11 +395,22 @@ class MeteorScorer:
         return total.score()
 
 
-def _find(words: Sequence[str], phrase: tuple[str, ...]) -> Iterable[int]:
-    n = len(phrase)
-    for i in range(len(words) - n + 1):
-        if tuple(words[i:i + n]) == phrase:
-            yield i
+class _Positions:
+    """Where each n-gram of `words` starts (ascending), indexed per n on first use: finding a
+    paraphrase is then one lookup, not a scan of the sentence."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = tuple(words)
+        self.by_n: dict[int, dict[tuple[str, ...], list[int]]] = {}
+
+    def find(self, phrase: tuple[str, ...]) -> Sequence[int]:
+        n = len(phrase)
+        index = self.by_n.get(n)
+        if index is None:
+            index = self.by_n[n] = {}
+            for i in range(len(self.words) - n + 1):
+                index.setdefault(self.words[i:i + n], []).append(i)
+        return index.get(phrase, ())
 
 
 def _count_chunks(matches: Sequence[Match | None]) -> int:
@@ -415,14 +434,22 @@ def _count_chunks(matches: Sequence[Match | None]) -> int:
 def corpus_meteor(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]], *,
                   paraphrase: bool = True) -> float:
     """Corpus METEOR 1.5 of tokenized hypotheses against their tokenized references."""
+    return corpus_meteor_sets([hyps], refs, paraphrase=paraphrase)[0]
+
+
+def corpus_meteor_sets(hyp_sets: Sequence[Sequence[Sequence[str]]],
+                       refs: Sequence[Sequence[Sequence[str]]], *, paraphrase: bool = True) -> list[float]:
+    """Corpus METEOR of several hypothesis sets against the same references: the paraphrase
+    table (a 5 s scan) is read once for all of them."""
     function_words, synsets, exceptions = load_jar_resources()
     table = None
     if paraphrase:
-        vocab = {w for h in hyps for w in h} | {w for rs in refs for r in rs for w in r}
+        vocab = {w for hyps in hyp_sets for h in hyps for w in h}
+        vocab |= {w for rs in refs for r in rs for w in r}
         table = load_paraphrases(vocab)
     scorer = MeteorScorer(function_words, synsets, exceptions, table)
-    return scorer.corpus_score(hyps, refs)
+    return [scorer.corpus_score(hyps, refs) for hyps in hyp_sets]
 
 
-__all__ = ["MeteorScorer", "MeteorStats", "Match", "corpus_meteor", "load_jar_resources",
+__all__ = ["MeteorScorer", "MeteorStats", "Match", "corpus_meteor", "corpus_meteor_sets", "load_jar_resources",
            "load_paraphrases", "ALPHA", "BETA", "GAMMA", "DELTA", "MODULE_WEIGHTS"]

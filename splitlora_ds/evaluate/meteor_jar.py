@@ -45,29 +45,38 @@ def _read(proc: subprocess.Popen, err: IO[bytes], answers: int) -> list[str]:
 
 def meteor_jar(hyps: Sequence[str], refs: Sequence[Sequence[str]], *, paraphrase: bool = True) -> float:
     """Corpus METEOR of COCO-tokenized hypothesis strings against their reference strings."""
+    return meteor_jar_sets([hyps], refs, paraphrase=paraphrase)[0]
+
+
+def meteor_jar_sets(hyp_sets: Sequence[Sequence[str]], refs: Sequence[Sequence[str]], *,
+                    paraphrase: bool = True) -> list[float]:
+    """Corpus METEOR of several hypothesis sets against the same references, in one JVM (its
+    start and the paraphrase table take about 8 s): one SCORE/EVAL round per set."""
     jar = pycocoevalcap_file("meteor/meteor-1.5.jar")
     cmd = java_command("-jar", "-Xmx2G", str(jar), "-", "-", "-stdio", "-l", "en", "-norm",
                        *(() if paraphrase else _NO_PARAPHRASE))
+    scores = []
     with tempfile.TemporaryFile() as err:
         # cwd: the jar finds its data/ (paraphrase table) next to itself, as in pycocoevalcap.
         proc = subprocess.Popen(cmd, cwd=jar.parent, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=err)
         try:
-            # The line format of pycocoevalcap's Meteor._stat (which strips '|||' from hypotheses).
-            lines = [" ||| ".join(("SCORE", " ||| ".join(rs), hyp.replace("|||", "").replace("  ", " ")))
-                     for hyp, rs in zip(hyps, refs)]
-            writer = threading.Thread(target=_write, args=(proc, lines), daemon=True)
-            writer.start()
-            stats = _read(proc, err, len(lines))
-            writer.join()
-            _write(proc, [" ||| ".join(("EVAL", *stats))])
-            answers = _read(proc, err, len(stats) + 1)
+            for hyps in hyp_sets:
+                # The line format of pycocoevalcap's Meteor._stat (which strips '|||' from hypotheses).
+                lines = [" ||| ".join(("SCORE", " ||| ".join(rs), hyp.replace("|||", "").replace("  ", " ")))
+                         for hyp, rs in zip(hyps, refs)]
+                writer = threading.Thread(target=_write, args=(proc, lines), daemon=True)
+                writer.start()
+                stats = _read(proc, err, len(lines))
+                writer.join()
+                _write(proc, [" ||| ".join(("EVAL", *stats))])
+                scores.append(float(_read(proc, err, len(stats) + 1)[-1]))
         finally:
             if proc.stdin:
                 proc.stdin.close()
             proc.kill()
             proc.wait()
-    return float(answers[-1])
+    return scores
 
 
-__all__ = ["meteor_jar"]
+__all__ = ["meteor_jar", "meteor_jar_sets"]

@@ -186,17 +186,23 @@ def _coco_dicts(hyps, refs) -> tuple[dict[int, list[str]], dict[int, list[str]]]
 def meteor(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]], *,
            paraphrase: bool = True, impl: str = "auto") -> float:
     """Corpus METEOR 1.5 (`-l en -norm`) on COCO-tokenized text: the jar, or its Python port."""
-    if resolve_impl(impl) == "jar":
-        from splitlora_ds.evaluate.meteor_jar import meteor_jar
+    return meteor_sets([hyps], refs, paraphrase=paraphrase, impl=impl)[0]
 
-        return meteor_jar([" ".join(h) for h in hyps], [[" ".join(r) for r in rs] for rs in refs],
-                          paraphrase=paraphrase)
-    from splitlora_ds.evaluate.meteor import corpus_meteor
+
+def meteor_sets(hyp_sets: Sequence[Sequence[Sequence[str]]], refs: Sequence[Sequence[Sequence[str]]], *,
+                paraphrase: bool = True, impl: str = "auto") -> list[float]:
+    """`meteor` for several hypothesis sets against the same references, loading METEOR once."""
+    if resolve_impl(impl) == "jar":
+        from splitlora_ds.evaluate.meteor_jar import meteor_jar_sets
+
+        return meteor_jar_sets([[" ".join(h) for h in hyps] for hyps in hyp_sets],
+                               [[" ".join(r) for r in rs] for rs in refs], paraphrase=paraphrase)
+    from splitlora_ds.evaluate.meteor import corpus_meteor_sets
     from splitlora_ds.evaluate.meteor_norm import normalize_line
 
     norm = lambda toks: normalize_line(" ".join(toks)).split()  # noqa: E731
-    return corpus_meteor([norm(h) for h in hyps], [[norm(r) for r in rs] for rs in refs],
-                         paraphrase=paraphrase)
+    return corpus_meteor_sets([[norm(h) for h in hyps] for hyps in hyp_sets],
+                              [[norm(r) for r in rs] for rs in refs], paraphrase=paraphrase)
 
 
 def score(hypotheses: list[str], references: list[list[str]], *, meteor_paraphrase: bool = True,
@@ -208,20 +214,35 @@ def score(hypotheses: list[str], references: list[list[str]], *, meteor_paraphra
     "meteor_impl"). `meteor_paraphrase=False` skips METEOR's paraphrase module (faster; METEOR
     then comes out slightly lower than the official one).
     """
-    _check(hypotheses, references)
+    return score_many([hypotheses], references, meteor_paraphrase=meteor_paraphrase, impl=impl)[0]
+
+
+def score_many(hypothesis_sets: Sequence[Sequence[str]], references: list[list[str]], *,
+               meteor_paraphrase: bool = True, impl: str = "auto") -> list[dict[str, float | str]]:
+    """`score` for several hypothesis sets (e.g. systems) against the same references: each set
+    is scored on its own, but references are tokenized and METEOR is loaded only once."""
+    if not hypothesis_sets:
+        raise ConfigError("score: no hypothesis sets to score")
+    for hyps in hypothesis_sets:
+        _check(hyps, references)
     impl = resolve_impl(impl)
     refs = [[_fix(r) for r in rs] for rs in references]
-    mt_h = [mteval_tokenize(h) for h in hypotheses]
     mt_r = [[mteval_tokenize(r) for r in rs] for rs in refs]
-    # One tokenizer run over references then hypotheses (the official script runs two).
-    flat = coco_tokenize_all([r for rs in refs for r in rs] + list(hypotheses), impl)
+    # One tokenizer run over references then hypotheses (the official script runs two per set;
+    # with -preserveLines every line is tokenized on its own, so the tokens are the same).
+    flat = coco_tokenize_all([r for rs in refs for r in rs] + [h for hs in hypothesis_sets for h in hs],
+                             impl)
     it = iter(flat)
     co_r = [[next(it) for _ in rs] for rs in refs]
-    co_h = list(it)
-    return {"bleu": bleu(hypotheses, refs), "nist": nist(mt_h, mt_r),
-            "meteor": meteor(co_h, co_r, paraphrase=meteor_paraphrase, impl=impl),
-            "rouge_l": rouge_l(co_h, co_r), "cider": cider(co_h, co_r),
-            "tokenizer_impl": impl, "meteor_impl": impl}
+    co_hs = [[next(it) for _ in hs] for hs in hypothesis_sets]
+    meteors = meteor_sets(co_hs, co_r, paraphrase=meteor_paraphrase, impl=impl)
+    out = []
+    for hyps, co_h, met in zip(hypothesis_sets, co_hs, meteors):
+        mt_h = [mteval_tokenize(h) for h in hyps]
+        out.append({"bleu": bleu(hyps, refs), "nist": nist(mt_h, mt_r), "meteor": met,
+                    "rouge_l": rouge_l(co_h, co_r), "cider": cider(co_h, co_r),
+                    "tokenizer_impl": impl, "meteor_impl": impl})
+    return out
 
 
 def _fix(text: str) -> str:

@@ -6,7 +6,9 @@ The official E2E script runs `java -cp stanford-corenlp-3.4.1.jar ...PTBTokenize
 (exactly these strings: the lowercased bracket tokens "-lrb-" etc. are NOT removed, since the
 list holds them in upper case). `ptb_tokenize_python` reproduces that tokenizer's decisions for
 the kinds of text E2E holds (words, hyphenated words, numbers and prices, contractions, quotes,
-brackets, runs of periods); tests/test_metrics_official.py checks it against the jar.
+brackets, runs of periods); tests/test_metrics_official.py checks it against the jar on every
+devset sentence. Not covered: Stanford's rules for e-mail/URL/@-words, SGML tags, sentence-final
+abbreviations (their extra "." is dropped with the punctuation anyway) and rarer quote forms.
 """
 
 from __future__ import annotations
