@@ -190,6 +190,15 @@ def test_meteor_corpus_leaves_out_chunks_of_whole_matches():
     assert (partial.chunks, total.chunks) == (2, 2)
 
 
+def test_meteor_identical_reference_wins_without_search():
+    scorer = MeteorScorer(*load_jar_resources())
+    hyp = "the eagle is a cheap pub".split()
+    refs = ["the eagle is a cheap pub near the river".split(), list(hyp), "a pub".split()]
+    best = scorer.segment_stats(hyp, refs)  # takes the identical second reference directly
+    searched = max((scorer.pair_stats(hyp, r) for r in refs), key=MeteorStats.score)
+    assert best.score() == searched.score() == 1.0 and best.ref_len == searched.ref_len == 6
+
+
 def test_nist_reference_length_pools_all_references():
     refs = [["a b c d".split(), "a b c e".split()], ["f g".split()]]
     hyps = ["a b c d".split(), "f g".split()]
@@ -205,7 +214,7 @@ def test_nist_reference_length_pools_all_references():
     assert nist(hyps, refs) == pytest.approx(info * penalty)  # 4.8166 * 0.9781
 
 
-def test_impl_choice(monkeypatch, tmp_path):
+def test_impl_choice(monkeypatch):
     with pytest.raises(ConfigError, match="impl: 'java' is invalid"):
         resolve_impl("java")
     assert resolve_impl("python") == "python"

@@ -14,8 +14,7 @@ the paraphrase table), so the data is the official data and comes from PyPI:
 * 'rank' parameters for English: alpha 0.85, beta 0.20, gamma 0.60, delta 0.75 (function words
   weigh 1 - delta), module weights 1.0 / 0.6 / 0.8 / 0.6;
 * per segment the best-scoring reference is kept; the corpus score is computed from the summed
-  sufficient statistics (the jar's EVAL line), not by averaging segment scores.
-
+  sufficient statistics (the jar's EVAL line), not by averaging segment scores;
 * summing segments, the jar leaves out the chunk count of a segment that matches its reference
   entirely in one chunk (MeteorStats.addStats), so a corpus of exact matches scores 1.
 
