@@ -129,9 +129,14 @@ class FederationConfig:
     # Per-client device budgets: the planner picks each client's split point and rank from them
     # (split.client_layers and lora.rank, if set as single numbers, are then the upper limits).
     budgets: Optional[list[ClientBudget]] = None
+    # Pairwise-masked aggregation (federation/secure.py): no participant sees one client's
+    # adapters, only the weighted sum. FedAvg of equal ranks and split points (split, fedlora).
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         _require(self.clients >= 1, "federation.clients", self.clients, "must be >= 1")
+        _require(not self.secure_aggregation or self.clients >= 2, "federation.secure_aggregation",
+                 self.secure_aggregation, "needs at least 2 clients (one client's sum is its own adapters)")
         _require(self.aggregate_every >= 1, "federation.aggregate_every", self.aggregate_every,
                  "must be >= 1")
         _require(self.aggregation in AGGREGATIONS, "federation.aggregation", self.aggregation,
@@ -331,6 +336,12 @@ class RunConfig:
                  "per-client split points, ranks and budgets need mode=split")
         _require(self.federation.aggregation in ("auto", "fedavg") or self.mode == "split", "federation.aggregation",
                  self.federation.aggregation, "stacked and zero_pad aggregate split clients (mode=split)")
+        secure = self.federation.secure_aggregation
+        _require(not secure or self.mode in ("split", "fedlora"), "federation.secure_aggregation", secure,
+                 f"aggregates client adapters (mode split or fedlora); mode={self.mode} has no aggregation")
+        _require(not secure or (not hetero and self.federation.aggregation in ("auto", "fedavg")),
+                 "federation.secure_aggregation", secure, "supports FedAvg of equal client ranks and split points "
+                 "only (not per-client values, budgets, stacked or zero_pad)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

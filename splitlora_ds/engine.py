@@ -23,6 +23,7 @@ from . import schedule as S
 from .aggregation import allreduce_weighted_average_, broadcast_, flat_nbytes
 from .comm import P2P
 from .failures import PeerLost, wait_on
+from .federation.secure import SecureAggregator
 from .masters import adapter_masters, copy_masters_to_params_
 from .hetero.exchange import exchange_
 from .hetero.importance import ImportanceTracker
@@ -122,7 +123,8 @@ class StageRunner:
                  fedavg_weight: float = 1.0, observers: Sequence[Observer] = (),
                  label_smoothing: float = 0.0, entry_layers: Optional[Sequence[int]] = None,
                  exchange: Optional[Exchange] = None, importance: Optional[ImportanceTracker] = None,
-                 client_weights: Sequence[float] = (), clip: Optional[GradClip] = None):
+                 client_weights: Sequence[float] = (), clip: Optional[GradClip] = None,
+                 secure: Optional[SecureAggregator] = None):
         self.role = role
         self.schedule = schedule
         self.topology: Topology = schedule.topology
@@ -139,6 +141,7 @@ class StageRunner:
         # Every client's FedAvg weight (server stage 0 of a heterogeneous run weighs shared blocks by them).
         self.client_weights = list(client_weights)
         self.clip = clip
+        self.secure = secure  # federation.secure_aggregation: FedAvg through pairwise masks
         # What aggregation reads and writes: the optimizer's fp32 copies in bf16 runs.
         self.masters = adapter_masters(engine.optimizer, stage.adapter_parameters()) if engine is not None else {}
         self.exchange = exchange
@@ -418,6 +421,9 @@ class StageRunner:
             nbytes = exchange_(self.stage, ex.weights, ex.modules, ex.method, ex.group, self.masters)
             if self.role.is_client:  # server stage 0 plays the aggregator: its copies do not travel
                 self._count_aggregation_traffic(nbytes)
+        elif self.secure is not None:
+            masters = list(self.masters.values())
+            self._count_aggregation_traffic(self.secure.weighted_sum_(masters, self.fedavg_weight, self.p2p.staging))
         else:
             masters = list(self.masters.values())
             allreduce_weighted_average_(masters, self.fedavg_weight, self.groups.clients, self.p2p.staging)

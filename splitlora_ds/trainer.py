@@ -22,6 +22,7 @@ from .config import RunConfig
 from .ds_config import role_ds_config
 from .engine import Exchange, GradClip, Observer, StageRunner
 from .failures import PeerLost
+from .federation.secure import SecureAggregator
 from .hetero.exchange import layer_of, lora_modules, participant_weights
 from .hetero.importance import ImportanceTracker, replan_, resizable, resize_
 from .schedule import is_aggregation_step
@@ -78,9 +79,14 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     entry_layers = list(prep.plan.entry_layers) if setup is not None and setup.shared_blocks else None
     tracker = ImportanceTracker(cfg.importance.beta) if cfg.importance.enabled else None
     replans = cfg.importance.replan_threshold is not None  # bf16 refused in prepare: torch optimizer here
+    secure = None
+    if cfg.federation.secure_aggregation and role.is_client:
+        secure = SecureAggregator(role.index, groups.clients, topology.clients)  # key agreement: once per run
+        p2p.bytes_sent += secure.key_bytes // topology.clients
+        p2p.bytes_received += secure.key_bytes
     runner = StageRunner(role, schedule, stage, engine, p2p, groups, prep.batches, weight, observers,
                          cfg.train.label_smoothing, entry_layers, _exchange(prep, stage, groups, sample_counts),
-                         tracker, client_weights, clip)
+                         tracker, client_weights, clip, secure)
     start = _restore(prep, stage, engine, p2p, tracker) if prep.resume else 0
     main = (role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)
             or (cfg.mode == "fedlora" and prep.rank == 0))

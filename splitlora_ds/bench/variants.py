@@ -6,6 +6,9 @@ On a recipe with heterogeneous clients (per-client split points and ranks, or bu
 - hsplit: the recipe's clients as planned, exact (stacked) aggregation;
 - hetlora: the same clients, HetLoRA's zero-padded aggregation.
 Each is mode=split plus overrides, so it runs, logs and reports like any mode.
+
+And on any recipe, split-secagg: mode=split with federation.secure_aggregation, to read the
+bytes and time that secure aggregation adds against the plain split run.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from ..errors import ConfigError
 from ..hetero.setup import resolve_setup
 from ..models import get_family
 
-VARIANTS = ("split-weakest", "hsplit", "hetlora")
+VARIANTS = ("split-weakest", "hsplit", "hetlora", "split-secagg")
 
 
 def variant_overrides(name: str, recipe: str, overrides: list[str]) -> list[str]:
@@ -27,6 +30,8 @@ def variant_overrides(name: str, recipe: str, overrides: list[str]) -> list[str]
         return ["mode=split", "federation.aggregation=stacked"]
     if name == "hetlora":
         return ["mode=split", "federation.aggregation=zero_pad"]
+    if name == "split-secagg":
+        return ["mode=split", "federation.secure_aggregation=true"]
     if name == "split-weakest":
         cfg = load_config(recipe, [*overrides, "mode=split"])
         family = get_family(cfg.model.family)
