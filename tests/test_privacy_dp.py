@@ -98,3 +98,27 @@ def test_a_private_run_logs_what_it_spent(tmp_path):
     assert updates == pytest.approx([0.0, epsilon(1.0, 1.0, 1, 1e-5), epsilon(1.0, 1.0, 1, 1e-5),
                                      epsilon(1.0, 1.0, 2, 1e-5)])
     assert "client0: privacy spent (delta 1e-05): epsilon_activations" in proc.stdout
+
+
+@pytest.mark.launcher
+def test_a_private_secure_run_resumes_exactly(tmp_path):
+    """Noise draws, the last global adapters and the epsilon counters come back from a checkpoint
+    taken between two aggregations; secure aggregation starts a fresh key agreement."""
+    from safetensors.torch import load_file
+
+    privacy = {"activation_clip": 1.0, "activation_noise": 0.3, "update_clip": 0.05, "update_noise": 0.5}
+
+    def recipe_in(folder, **checkpoint):
+        return write_recipe(folder, federation={"clients": 2, "aggregate_every": 2, "secure_aggregation": True},
+                            privacy=privacy, train={"max_steps": 6, "output_dir": str(folder / "out")},
+                            data={"num_samples": 40}, checkpoint={"dir": str(folder / "ckpt"), **checkpoint})
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    check(launch(3, ["--recipe", str(recipe_in(straight, every=3))]))
+    check(launch(3, ["--recipe", str(recipe_in(resumed)), "--resume", str(straight / "ckpt" / "step-000003")]))
+    for role in ("client0", "client1", "server0"):
+        a = load_file(str(straight / "out" / f"{role}.safetensors"))
+        b = load_file(str(resumed / "out" / f"{role}.safetensors"))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert scalars(resumed / "tb" / "client0", "privacy/epsilon_updates")[-1] == pytest.approx(
+        scalars(straight / "tb" / "client0", "privacy/epsilon_updates")[-1])
