@@ -85,25 +85,10 @@ def test_bad_privacy_settings_name_the_field(tmp_path, overrides, needle):
 
 
 @pytest.mark.launcher
-def test_a_private_run_logs_what_it_spent(tmp_path):
-    privacy = {"activation_clip": 1.0, "activation_noise": 0.8, "update_clip": 0.05, "update_noise": 1.0}
-    recipe = write_recipe(tmp_path, federation={"clients": 2, "aggregate_every": 2}, privacy=privacy,
-                          data={"num_samples": 40})
-    proc = launch(3, ["--recipe", str(recipe)])
-    check(proc)
-    acts = scalars(tmp_path / "tb" / "client0", "privacy/epsilon_activations")
-    updates = scalars(tmp_path / "tb" / "client0", "privacy/epsilon_updates")
-    samples = scalars(tmp_path / "tb" / "client0", "client0/samples")[0]
-    assert acts == pytest.approx([epsilon(0.8, 4 / samples, s + 1, 1e-5) for s in range(4)])
-    assert updates == pytest.approx([0.0, epsilon(1.0, 1.0, 1, 1e-5), epsilon(1.0, 1.0, 1, 1e-5),
-                                     epsilon(1.0, 1.0, 2, 1e-5)])
-    assert "client0: privacy spent (delta 1e-05): epsilon_activations" in proc.stdout
-
-
-@pytest.mark.launcher
-def test_a_private_secure_run_resumes_exactly(tmp_path):
-    """Noise draws, the last global adapters and the epsilon counters come back from a checkpoint
-    taken between two aggregations; secure aggregation starts a fresh key agreement."""
+def test_a_private_secure_run_logs_what_it_spent_and_resumes_exactly(tmp_path):
+    """Every client logs the epsilons of what it released so far and prints them at the end; noise
+    draws, the last global adapters and the epsilon counters come back from a checkpoint taken
+    between two aggregations (secure aggregation starts a fresh key agreement)."""
     from safetensors.torch import load_file
 
     privacy = {"activation_clip": 1.0, "activation_noise": 0.3, "update_clip": 0.05, "update_noise": 0.5}
@@ -114,7 +99,15 @@ def test_a_private_secure_run_resumes_exactly(tmp_path):
                             data={"num_samples": 40}, checkpoint={"dir": str(folder / "ckpt"), **checkpoint})
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    check(launch(3, ["--recipe", str(recipe_in(straight, every=3))]))
+    proc = launch(3, ["--recipe", str(recipe_in(straight, every=3))])
+    check(proc)
+    assert "client0: privacy spent (delta 1e-05): epsilon_activations" in proc.stdout
+    samples = scalars(straight / "tb" / "client0", "client0/samples")[0]
+    acts = scalars(straight / "tb" / "client0", "privacy/epsilon_activations")
+    assert acts == pytest.approx([epsilon(0.3, 4 / samples, s + 1, 1e-5) for s in range(6)])
+    rounds = [(s + 1) // 2 for s in range(6)]  # aggregations after steps 2, 4 and 6
+    assert scalars(straight / "tb" / "client0", "privacy/epsilon_updates") == pytest.approx(
+        [epsilon(0.5, 1.0, r, 1e-5) for r in rounds])
     check(launch(3, ["--recipe", str(recipe_in(resumed)), "--resume", str(straight / "ckpt" / "step-000003")]))
     for role in ("client0", "client1", "server0"):
         a = load_file(str(straight / "out" / f"{role}.safetensors"))
