@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(prep)
+    except ConfigError as e:
+        # Raised after init only where every rank decides alike from gathered data (hosts.py):
+        # each prints the same line. The process group may still wait on peers at teardown:
+        # leave at once.
+        print(f"splitlora_ds: error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
     except PeerLost as e:
         layout = Topology(1, 0) if cfg.mode == "centralized" else prep.topology
         print(f"splitlora_ds: error: {e.describe(layout, prep.rank)}", file=sys.stderr, flush=True)
