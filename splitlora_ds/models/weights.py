@@ -24,11 +24,14 @@ BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 def _hub_file(source: str, filename: str) -> Path:
     """One file of a hub repo, into the HF cache (FileNotFoundError when the repo has no such file)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(source, filename))
     except EntryNotFoundError as e:
+        if isinstance(e, LocalEntryNotFoundError):  # offline and not cached: not "no such file"
+            raise ConfigError(f"model.pretrained: {source!r} is no local directory and the hub is unreachable "
+                              f"({filename} is not cached): {e}") from e
         raise FileNotFoundError(filename) from e
     except Exception as e:  # offline, unknown repo, gated, ...: all a user error here
         raise ConfigError(f"model.pretrained: {source!r} is no local directory and the hub failed on "
