@@ -41,8 +41,7 @@ def _hub_file(source: str, filename: str) -> Path:
 @functools.lru_cache(maxsize=8)
 def _hub_weight_map(source: str) -> tuple[tuple[str, str], ...]:
     """(checkpoint key, file name) pairs of a hub repo, from its index alone: a rank then fetches
-    only the shards holding its own layers (a LLaMA-2-7B client with 8 of 32 layers skips most
-    of its ~13 GB). Without an index the single file is the whole model. Cached: a stage with
+    only the shards holding its own layers, not every shard of the model. Without an index the single file is the whole model. Cached: a stage with
     many layers asks the hub once."""
     for index_name, single in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
         try:
