@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(prep)
     except ConfigError as e:
-        # Raised after init only where every rank decides alike from gathered data (hosts.py):
-        # each prints the same line. The process group may still wait on peers at teardown:
-        # leave at once.
+        # Input errors are raised before the first collective (prepare.py), except the host
+        # agreement's (hosts.py), where every rank decides alike from the same gathered data and
+        # so prints the same line. The process group may still wait on peers at teardown: leave
+        # at once.
         print(f"splitlora_ds: error: {e}", file=sys.stderr, flush=True)
         os._exit(2)
     except PeerLost as e:
