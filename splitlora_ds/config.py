@@ -306,6 +306,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", self.mode, f"use one of {', '.join(MODES)}")
+        # Gathered adapters go into server0's last checkpoint: there must be both.
+        _require(not self.checkpoint.gather_adapters or self.checkpoint.dir is not None, "checkpoint.gather_adapters",
+                 True, "writes into server0's checkpoint folder; set checkpoint.dir")
+        _require(not self.checkpoint.gather_adapters or self.mode in ("split", "sequential"),
+                 "checkpoint.gather_adapters", True, f"needs a server to gather to; mode={self.mode} has none")
         _require(self.importance.replan_threshold is None or self.mode == "split", "importance.replan_threshold",
                  self.importance.replan_threshold, "re-planning ranks needs mode=split")
         _require(self.importance.replan_threshold is None or self.federation.aggregation != "fedavg",
