@@ -86,9 +86,13 @@ def common_step(reports: Sequence[RankReport]) -> int:
         return max(common)
     empty = [r for r in reports if not r.steps]
     if empty:
-        why = next((r.problem for r in empty if r.problem), "")
-        raise ConfigError(f"--resume: no usable checkpoint part on {_ranks_by_host(empty)}"
-                          + (f": {why}" if why else "") + "; the other ranks cannot continue without them")
+        parts = []
+        for host in dict.fromkeys(r.host for r in empty):  # hosts in rank order, each once
+            on_host = [r for r in empty if r.host == host]
+            why = next((r.problem for r in on_host if r.problem), "")
+            parts.append(_ranks_by_host(on_host) + (f": {why}" if why else ""))
+        raise ConfigError(f"--resume: no usable checkpoint part on {'; '.join(parts)}; no rank can continue "
+                          f"without every part")
     newest = max(max(s) for s in sets)
     lacking = [r for r in reports if newest not in r.steps]
     raise ConfigError(f"--resume: no checkpoint step is complete on every host; {_ranks_by_host(lacking)} "

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from _launch import ROOT, check, free_port, launch, rank_env, tiny_model
+from _launch import ROOT, check, deepspeed_bin, free_port, launch, rank_env, tiny_model
 from splitlora_ds import hosts
 from splitlora_ds.errors import ConfigError
 from splitlora_ds.export import main as export_main
@@ -50,8 +50,12 @@ def test_no_common_step_names_the_hosts_and_ranks_at_fault():
         hosts.common_step(reports)
     missing = [report("a", 0, [4]), report("b", 1, [], problem="no role1 part in ckpt"), report("b", 2, [])]
     with pytest.raises(ConfigError, match=r"no usable checkpoint part on host b \(ranks 1 role1, 2 role2\): "
-                                          r"no role1 part in ckpt"):
+                                          r"no role1 part in ckpt; no rank"):
         hosts.common_step(missing)
+    both = [report("a", 0, [], problem="no role0 part"), report("b", 1, [], problem="has train.seed=99")]
+    with pytest.raises(ConfigError, match=r"on host a \(ranks 0 role0\): no role0 part; "
+                                          r"host b \(ranks 1 role1\): has train.seed=99; no rank"):
+        hosts.common_step(both)
 
 
 def test_recipe_digest_ignores_host_local_paths_only():
@@ -104,16 +108,20 @@ def host_env() -> dict:
     return env
 
 
-def start_host(folder: Path, node: int, port: int, *args: str) -> subprocess.Popen:
+def start_host(folder: Path, node: int, port: int, *args: str, direct: bool = False) -> subprocess.Popen:
+    """launch/host.sh in `folder`; `direct`: the deepspeed command it runs, without its slot check
+    (a few seconds quicker)."""
     env = host_env() | {"MASTER_PORT": str(port)}
-    return subprocess.Popen([HOST_SH, "hostfile", str(node), "127.0.0.1", "recipe.yaml", *args], cwd=folder,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: a host to kill as one
+    cmd = ([deepspeed_bin(), "--hostfile", "hostfile", "--no_ssh", "--node_rank", str(node), "--master_addr",
+            "127.0.0.1", "--master_port", str(port), "--module", "splitlora_ds.train", "--recipe", "recipe.yaml"]
+           if direct else [HOST_SH, "hostfile", str(node), "127.0.0.1", "recipe.yaml"])
+    return subprocess.Popen([*cmd, *args], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # its own process group: a host to kill as one
 
 
-def run_hosts(a: Path, b: Path, *args: str, timeout: float = 240) -> list[tuple[int, str]]:
+def run_hosts(a: Path, b: Path, *args: str, timeout: float = 240, direct: bool = False) -> list[tuple[int, str]]:
     port = free_port()
-    procs = [start_host(a, 0, port, *args), start_host(b, 1, port, *args)]
+    procs = [start_host(a, 0, port, *args, direct=direct), start_host(b, 1, port, *args, direct=direct)]
     out = []
     for p in procs:
         try:
@@ -196,41 +204,41 @@ def test_two_hosts_without_a_shared_disk_resume_and_export(tmp_path):
     assert max_diff(reference, exported(tmp_path / "x-gathered")) <= 1e-6
     assert export_main(["--checkpoint", str(a / "ckpt"), "--out", str(tmp_path / "x-a")]) == 2  # no server part
 
-    # A host whose part is missing: every rank names that host and its ranks, nobody hangs.
-    shutil.move(b / "ckpt", b / "ckpt-kept")
-    results = run_hosts(a, b, "--resume", "latest", "--set", f"train.max_steps={STEPS + 2}", timeout=TIMEOUT_S + 120)
-    for rc, text in results:
-        assert rc != 0 and "Traceback" not in text, text[-3000:]
-        lines = set(errors_of(text))
-        assert len(lines) == 1, text[-3000:]
-        line = lines.pop()
-        assert "no usable checkpoint part on host" in line and "(node 1) (ranks 2 client2, 3 server0)" in line, line
-    # A host whose part is of another run: the field that differs, named on every rank.
-    shutil.move(b / "ckpt-kept", b / "ckpt")
+    # Host A's part is missing and host B's is of another run: every rank prints the same one
+    # line naming each host, its ranks and what is wrong there, and nobody hangs.
+    shutil.move(a / "ckpt", a / "ckpt-kept")
     for marker in (b / "ckpt").glob("step-*/*.done.json"):
         meta = json.loads(marker.read_text())
         meta["config"]["train"]["seed"] = 99
         marker.write_text(json.dumps(meta))
-    results = run_hosts(a, b, "--resume", "latest", "--set", f"train.max_steps={STEPS + 2}", timeout=TIMEOUT_S + 120)
+    results = run_hosts(a, b, "--resume", "latest", "--set", f"train.max_steps={STEPS + 2}", timeout=TIMEOUT_S + 120,
+                        direct=True)
+    lines = set()
     for rc, text in results:
         assert rc != 0 and "Traceback" not in text, text[-3000:]
-        lines = set(errors_of(text))
-        assert len(lines) == 1, text[-3000:]
-        line = lines.pop()
-        assert "(node 1) (ranks 2 client2, 3 server0)" in line and "has train.seed=99 but this run has train.seed=7" in line, line
+        lines |= set(errors_of(text))
+    assert len(lines) == 1, lines
+    line = lines.pop()
+    assert "(node 0) (ranks 0 client0, 1 client1): no client0 part" in line, line
+    assert "(node 1) (ranks 2 client2, 3 server0): " in line and "has train.seed=99 but this run has train.seed=7" in line
 
 
 @pytest.mark.launcher
 def test_hosts_with_different_recipes_stop_with_one_line(tmp_path):
+    # One client host and one server host (two ranks: quick to start).
     a, b = tmp_path / "hostA", tmp_path / "hostB"
-    host_recipe(a, max_steps=2)
-    host_recipe(b, max_steps=2, seed=8)
-    for rc, text in run_hosts(a, b, timeout=TIMEOUT_S + 120):
+    for folder, seed in ((a, 7), (b, 8)):
+        host_recipe(folder, max_steps=2, seed=seed)
+        recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+        recipe["federation"]["clients"] = 1
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        (folder / "hostfile").write_text("hostA slots=1\nhostB slots=1\n")
+    for rc, text in run_hosts(a, b, timeout=TIMEOUT_S + 120, direct=True):
         assert rc != 0 and "Traceback" not in text, text[-3000:]
         lines = set(errors_of(text))
         assert len(lines) == 1, text[-3000:]
         line = lines.pop()
-        assert "the recipe differs between hosts" in line and "(node 1) (ranks 2 client2, 3 server0)" in line, line
+        assert "the recipe differs between hosts" in line and "(node 1) (ranks 1 server0)" in line, line
 
 
 @pytest.mark.launcher
