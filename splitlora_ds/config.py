@@ -129,9 +129,14 @@ class FederationConfig:
     # Per-client device budgets: the planner picks each client's split point and rank from them
     # (split.client_layers and lora.rank, if set as single numbers, are then the upper limits).
     budgets: Optional[list[ClientBudget]] = None
+    # Pairwise-masked aggregation (federation/secure.py): no participant sees one client's
+    # adapters, only the weighted sum. FedAvg of equal ranks and split points (split, fedlora).
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         _require(self.clients >= 1, "federation.clients", self.clients, "must be >= 1")
+        _require(not self.secure_aggregation or self.clients >= 2, "federation.secure_aggregation",
+                 self.secure_aggregation, "needs at least 2 clients (one client's sum is its own adapters)")
         _require(self.aggregate_every >= 1, "federation.aggregate_every", self.aggregate_every,
                  "must be >= 1")
         _require(self.aggregation in AGGREGATIONS, "federation.aggregation", self.aggregation,
@@ -289,6 +294,31 @@ class ImportanceConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential-privacy options (off by default; privacy/dp.py, README "Differential privacy")."""
+
+    # On activations: each sample's cut-layer activations are clipped to this L2 norm before they
+    # leave the client, then Gaussian noise of std activation_noise x activation_clip is added.
+    activation_clip: Optional[float] = None
+    activation_noise: float = 0.0
+    # On adapters (DP-FedAvg, client level): each client's update since the last aggregation is
+    # clipped to this L2 norm; the aggregate gets Gaussian noise of std update_noise x
+    # update_clip x (the largest client weight), each client adding its share.
+    update_clip: Optional[float] = None
+    update_noise: float = 0.0
+    delta: float = 1e-5  # epsilon is reported for this delta
+
+    def __post_init__(self) -> None:
+        for name in ("activation", "update"):
+            clip, noise = getattr(self, f"{name}_clip"), getattr(self, f"{name}_noise")
+            _require(clip is None or clip > 0, f"privacy.{name}_clip", clip, "must be > 0, or null for off")
+            _require(noise >= 0, f"privacy.{name}_noise", noise, "must be >= 0")
+            _require(noise == 0 or clip is not None, f"privacy.{name}_noise", noise,
+                     f"noise needs a sensitivity bound: set privacy.{name}_clip")
+        _require(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1)")
+
+
+@dataclass
 class RunConfig:
     mode: str = "split"
     deepspeed_config: str = "ds_configs/cpu-fp32.json"
@@ -303,6 +333,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", self.mode, f"use one of {', '.join(MODES)}")
@@ -342,6 +373,20 @@ class RunConfig:
                  "per-client split points, ranks and budgets need mode=split")
         _require(self.federation.aggregation in ("auto", "fedavg") or self.mode == "split", "federation.aggregation",
                  self.federation.aggregation, "stacked and zero_pad aggregate split clients (mode=split)")
+        dp = self.privacy
+        _require(dp.activation_clip is None or self.mode in ("split", "sequential"), "privacy.activation_clip",
+                 dp.activation_clip, f"applies to activations a client sends (split, sequential), not mode={self.mode}")
+        _require(dp.update_clip is None or (self.mode in ("split", "fedlora") and self.federation.clients >= 2),
+                 "privacy.update_clip", dp.update_clip, "applies to aggregated client updates (split or fedlora "
+                 "with at least 2 clients)")
+        _require(dp.update_clip is None or (not hetero and self.federation.aggregation in ("auto", "fedavg")),
+                 "privacy.update_clip", dp.update_clip, "supports FedAvg of equal client ranks and split points only")
+        secure = self.federation.secure_aggregation
+        _require(not secure or self.mode in ("split", "fedlora"), "federation.secure_aggregation", secure,
+                 f"aggregates client adapters (mode split or fedlora); mode={self.mode} has no aggregation")
+        _require(not secure or (not hetero and self.federation.aggregation in ("auto", "fedavg")),
+                 "federation.secure_aggregation", secure, "supports FedAvg of equal client ranks and split points "
+                 "only (not per-client values, budgets, stacked or zero_pad)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

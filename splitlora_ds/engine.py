@@ -23,6 +23,8 @@ from . import schedule as S
 from .aggregation import allreduce_weighted_average_, broadcast_, flat_nbytes
 from .comm import P2P
 from .failures import PeerLost, wait_on
+from .federation.secure import SecureAggregator
+from .privacy.dp import ClientPrivacy
 from .masters import adapter_masters, copy_masters_to_params_
 from .hetero.exchange import exchange_
 from .hetero.importance import ImportanceTracker
@@ -122,7 +124,8 @@ class StageRunner:
                  fedavg_weight: float = 1.0, observers: Sequence[Observer] = (),
                  label_smoothing: float = 0.0, entry_layers: Optional[Sequence[int]] = None,
                  exchange: Optional[Exchange] = None, importance: Optional[ImportanceTracker] = None,
-                 client_weights: Sequence[float] = (), clip: Optional[GradClip] = None):
+                 client_weights: Sequence[float] = (), clip: Optional[GradClip] = None,
+                 secure: Optional[SecureAggregator] = None, privacy: Optional[ClientPrivacy] = None):
         self.role = role
         self.schedule = schedule
         self.topology: Topology = schedule.topology
@@ -139,6 +142,8 @@ class StageRunner:
         # Every client's FedAvg weight (server stage 0 of a heterogeneous run weighs shared blocks by them).
         self.client_weights = list(client_weights)
         self.clip = clip
+        self.secure = secure  # federation.secure_aggregation: FedAvg through pairwise masks
+        self.privacy = privacy  # a client's DP mechanisms (privacy.*), None when off
         # What aggregation reads and writes: the optimizer's fp32 copies in bf16 runs.
         self.masters = adapter_masters(engine.optimizer, stage.adapter_parameters()) if engine is not None else {}
         self.exchange = exchange
@@ -282,6 +287,8 @@ class StageRunner:
         else:
             self.output = self.engine(self.x, self.mask, row_entry=self.row_entry,
                                       shared_grad=self.shared_grad if self.training else None)
+            if self.privacy is not None:  # what leaves the client: clipped (and noised) per sample
+                self.output = self.privacy.release(self.output, self.mask, self.training)
 
     def _send_activations(self, ins: S.SendActivations) -> None:
         self.p2p.send([self.output, self.mask, self.labels, self.sizes], ins.dst)
@@ -420,8 +427,16 @@ class StageRunner:
                 self._count_aggregation_traffic(nbytes)
         else:
             masters = list(self.masters.values())
-            allreduce_weighted_average_(masters, self.fedavg_weight, self.groups.clients, self.p2p.staging)
-            self._count_aggregation_traffic(flat_nbytes(masters))
+            if self.privacy is not None:
+                self.privacy.before_aggregation_(masters, self.fedavg_weight)
+            if self.secure is not None:
+                nbytes = self.secure.weighted_sum_(masters, self.fedavg_weight, self.p2p.staging)
+            else:
+                allreduce_weighted_average_(masters, self.fedavg_weight, self.groups.clients, self.p2p.staging)
+                nbytes = flat_nbytes(masters)
+            self._count_aggregation_traffic(nbytes)
+            if self.privacy is not None:
+                self.privacy.after_aggregation(masters)
         self._masters_to_params()
         self.stats.averaged = True
 

@@ -25,6 +25,8 @@ from .ds_config import role_ds_config
 from .errors import ConfigError
 from .engine import Exchange, GradClip, Observer, StageRunner
 from .failures import PeerLost
+from .federation.secure import SecureAggregator
+from .privacy.dp import ClientPrivacy
 from .hetero.exchange import layer_of, lora_modules, participant_weights
 from .hetero.importance import ImportanceTracker, replan_, resizable, resize_
 from .schedule import is_aggregation_step
@@ -82,10 +84,21 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     entry_layers = list(prep.plan.entry_layers) if setup is not None and setup.shared_blocks else None
     tracker = ImportanceTracker(cfg.importance.beta) if cfg.importance.enabled else None
     replans = cfg.importance.replan_threshold is not None  # bf16 refused in prepare: torch optimizer here
+    secure = None
+    if cfg.federation.secure_aggregation and role.is_client:
+        secure = SecureAggregator(role.index, groups.clients, topology.clients)  # key agreement: once per run
+        p2p.bytes_sent += secure.key_bytes // topology.clients
+        p2p.bytes_received += secure.key_bytes
+    privacy = None
+    if role.is_client and (cfg.privacy.activation_clip is not None or cfg.privacy.update_clip is not None):
+        privacy = ClientPrivacy(cfg.privacy, cfg.train.batch_size / prep.num_samples, topology.clients,
+                                max(client_weights))
     runner = StageRunner(role, schedule, stage, engine, p2p, groups, prep.batches, weight, observers,
                          cfg.train.label_smoothing, entry_layers, _exchange(prep, stage, groups, sample_counts),
-                         tracker, client_weights, clip)
-    start = _restore(prep, stage, engine, p2p, tracker) if prep.resume else 0
+                         tracker, client_weights, clip, secure, privacy)
+    start = _restore(prep, stage, engine, p2p, tracker, privacy) if prep.resume else 0
+    if privacy is not None:
+        privacy.remember_start(list(runner.masters.values()))
     main = (role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)
             or (cfg.mode == "fedlora" and prep.rank == 0))
     # purge_step: a resumed run replaces whatever the first run logged after its checkpoint.
@@ -119,6 +132,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
             values["comm/adapter_bytes_sent"] = p2p.adapter_bytes_sent
         if stats.grad_norm is not None:
             values["train/grad_norm"] = stats.grad_norm
+        if privacy is not None:
+            values.update(privacy.epsilons())
         if tracker is not None:
             values.update({f"importance/{m}": v for m, v in tracker.scores.items()})
             if replans and is_aggregation_step(step, cfg.federation.aggregate_every, max_steps) and step < max_steps - 1:
@@ -150,7 +165,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
         writer.scalars(step, values)
         every = schedule.every(cfg.checkpoint.every)
         if cfg.checkpoint.dir and (step == max_steps - 1 or (every and (step + 1) % every == 0)):
-            path = _save_checkpoint(prep, step + 1, stage, engine, p2p, sample_counts, tracker)
+            path = _save_checkpoint(prep, step + 1, stage, engine, p2p, sample_counts, tracker, privacy)
             progress.write(f"[splitlora_ds] checkpoint: {path}")
     progress.close()
     writer.close()
@@ -163,6 +178,9 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
         path = save_adapters(stage, cfg.train.output_dir, role.name)
         if main:
             print(f"[splitlora_ds] adapters: {os.path.dirname(path)}", flush=True)
+    if privacy is not None:
+        spent = ", ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in privacy.epsilons().items())
+        print(f"[splitlora_ds] {role.name}: privacy spent (delta {cfg.privacy.delta:g}): {spent}", flush=True)
     if main:
         print(f"[splitlora_ds] done: {max_steps - start} steps in {progress.elapsed:.1f} s; "
               f"TensorBoard: tensorboard --logdir {cfg.log.dir}", flush=True)
@@ -211,7 +229,7 @@ def _exchange(prep: Prepared, stage, groups, sample_counts: list[int]) -> Option
 
 
 def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, sample_counts: list[int],
-                     tracker: Optional[ImportanceTracker]) -> str:
+                     tracker: Optional[ImportanceTracker], privacy: Optional[ClientPrivacy]) -> str:
     """Every rank writes its part and its marker under checkpoint.dir as resolved on its host,
     then prunes its own old parts; no rank reads another's files (hosts need not share a disk)."""
     cfg = prep.cfg
@@ -219,7 +237,8 @@ def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, s
     scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else {}
     state = {"optimizer": engine.optimizer.state_dict(), "scheduler": scheduler, "rng": ckpt.rng_state(),
              "data": [s.state_dict() for s in prep.streams], "bytes": [p2p.bytes_sent, p2p.bytes_received, p2p.adapter_bytes_sent],
-             "importance": tracker.state_dict() if tracker is not None else None}
+             "importance": tracker.state_dict() if tracker is not None else None,
+             "privacy": privacy.state_dict() if privacy is not None else None}
     adapters = stage.adapter_parameters()
     ckpt.save_rank(directory, prep.role.name, adapters, state)
     layout = Topology(1, 0) if cfg.mode == "centralized" else prep.topology
@@ -273,7 +292,8 @@ def _main_rank(prep: Prepared) -> int:
     return prep.topology.world_size - 1  # the last server stage
 
 
-def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[ImportanceTracker]) -> int:
+def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[ImportanceTracker],
+             privacy: Optional[ClientPrivacy]) -> int:
     """Load this rank's checkpoint part: adapters, optimizer, scheduler, RNG, data position."""
     loaded = prep.resume
     for module, (rank, _cost) in resizable(stage).items():  # ranks a re-plan changed before the save
@@ -282,6 +302,8 @@ def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[Importan
             resize_(stage, module, saved.shape[0])
     if tracker is not None and loaded.state.get("importance"):
         tracker.load_state_dict(loaded.state["importance"])
+    if privacy is not None and loaded.state.get("privacy"):
+        privacy.load_state_dict(loaded.state["privacy"])
     params = stage.adapter_parameters()  # the same names as the checkpoint's (prepare checked)
     with torch.no_grad():
         for name, p in params.items():

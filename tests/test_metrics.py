@@ -102,12 +102,14 @@ def test_meteor_stem_and_function_words_by_hand(scorer):
     # everything -> no fragmentation penalty (the jar's identical-coverage rule).
     assert s.score() == pytest.approx(1.45 / 1.75)  # 0.8286
     # The corpus score comes from summed statistics, not from averaging sentence scores:
-    # lengths 9 / 9, function words 4 / 4, matches 8 exact + 1 stem, chunks 3 + 1 = 4.
+    # lengths 9 / 9, function words 4 / 4, matches 8 exact + 1 stem, chunks 3 + 0 = 3: the jar
+    # leaves out the chunk of a segment whose words all match in one chunk (as the second does).
+    # meteor-1.5.jar gives 0.48561684844214403 for this corpus too.
     total = MeteorStats()
     total.add(scorer.pair_stats(toks("the cat sat on the mat"), toks("on the mat sat the cat")))
     total.add(s)
     p = (1.0 * (0.75 * 4 + 0.25 * 4) + 0.6 * 0.75 * 1) / (0.75 * 5 + 0.25 * 4)
-    assert total.score() == pytest.approx(p * (1 - 0.6 * (4 / 9) ** 0.2))  # P = R = Fmean
+    assert total.score() == pytest.approx(p * (1 - 0.6 * (3 / 9) ** 0.2))  # P = R = Fmean
     assert scorer.corpus_score([toks("the cat sat on the mat"), hyp],
                                [[toks("on the mat sat the cat")], [ref]]) == pytest.approx(total.score())
 
@@ -140,19 +142,20 @@ def test_meteor_real_paraphrase_table_loads():
 
 
 def test_coco_tokenization():
+    # Stanford's PTBTokenizer writes '£' as '#' and brackets as -lrb-/-rrb-, which the COCO
+    # punctuation list (upper-case -LRB-) does not remove: what the official scorer scores.
     assert coco_tokenize("The shop. It's near Burger King (riverside), £20-25...") == \
-        ["the", "shop", "it", "'s", "near", "burger", "king", "riverside", "£", "20-25"]
+        ["the", "shop", "it", "'s", "near", "burger", "king", "-lrb-", "riverside", "-rrb-", "#", "20-25"]
 
 
 def test_perfect_hypothesis():
     refs = [["The Eagle is a cheap pub near the river.", "A cheap pub, The Eagle, is by the river."],
             ["Zizzi serves Italian food in the city centre.", "Italian food is served at Zizzi."]]
     s = score([r[0] for r in refs], refs, meteor_paraphrase=False)
-    assert set(s) == KEYS
+    assert KEYS <= set(s) and s["meteor_impl"] in ("jar", "python")
     assert s["bleu"] == pytest.approx(1.0) and s["rouge_l"] == pytest.approx(1.0)
-    # METEOR's corpus penalty counts one chunk per sentence, so only a single sentence gets 1.
-    assert score([refs[0][0]], [refs[0]], meteor_paraphrase=False)["meteor"] == pytest.approx(1.0)
-    assert 0 < s["meteor"] < 1 and s["cider"] > 0 and s["nist"] > 0
+    # Whole-match segments add no chunk to the corpus penalty (as in the jar): METEOR is 1.
+    assert s["meteor"] == 1.0 and s["cider"] > 0 and s["nist"] > 0
 
 
 def test_score_rejects_bad_input():

@@ -6,6 +6,12 @@ On a recipe with heterogeneous clients (per-client split points and ranks, or bu
 - hsplit: the recipe's clients as planned, exact (stacked) aggregation;
 - hetlora: the same clients, HetLoRA's zero-padded aggregation.
 Each is mode=split plus overrides, so it runs, logs and reports like any mode.
+
+And on any recipe, split-secagg: mode=split with federation.secure_aggregation, to read the
+bytes and time that secure aggregation adds against the plain split run. On a recipe with a
+privacy section, the utility cost of each DP option: split-no-dp (every option off),
+split-dp-activations (the recipe's activation clipping and noise only), split-dp-updates (its
+update clipping and noise only).
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from ..errors import ConfigError
 from ..hetero.setup import resolve_setup
 from ..models import get_family
 
-VARIANTS = ("split-weakest", "hsplit", "hetlora")
+VARIANTS = ("split-weakest", "hsplit", "hetlora", "split-secagg", "split-no-dp", "split-dp-activations",
+            "split-dp-updates")
+_DP_OFF = {"activations": ["privacy.activation_clip=null", "privacy.activation_noise=0"],
+           "updates": ["privacy.update_clip=null", "privacy.update_noise=0"]}
 
 
 def variant_overrides(name: str, recipe: str, overrides: list[str]) -> list[str]:
@@ -27,6 +36,16 @@ def variant_overrides(name: str, recipe: str, overrides: list[str]) -> list[str]
         return ["mode=split", "federation.aggregation=stacked"]
     if name == "hetlora":
         return ["mode=split", "federation.aggregation=zero_pad"]
+    if name == "split-secagg":
+        return ["mode=split", "federation.secure_aggregation=true"]
+    if name == "split-no-dp":
+        return ["mode=split", *_DP_OFF["activations"], *_DP_OFF["updates"]]
+    if name in ("split-dp-activations", "split-dp-updates"):
+        kept = name.rsplit("-", 1)[1]
+        privacy = load_config(recipe, [*overrides, "mode=split"]).privacy
+        if getattr(privacy, f"{kept[:-1]}_clip") is None:
+            raise ConfigError(f"--modes {name}: the recipe sets no privacy.{kept[:-1]}_clip to measure")
+        return ["mode=split", *_DP_OFF["updates" if kept == "activations" else "activations"]]
     if name == "split-weakest":
         cfg = load_config(recipe, [*overrides, "mode=split"])
         family = get_family(cfg.model.family)

@@ -1,6 +1,6 @@
 """Evaluation of generated text: the E2E NLG challenge metrics (see `metrics`)."""
 
-__all__ = ["load_references", "score"]
+__all__ = ["load_references", "score", "score_many"]
 
 
 def __getattr__(name: str):

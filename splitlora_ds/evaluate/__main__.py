@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="decode only the first N MRs")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--metrics-impl", default="auto", choices=("auto", "jar", "python"),
+                   help="tokenizer and METEOR: the official jars (needs Java), their Python ports, "
+                        "or auto: the jars when Java is found (default)")
     return p.parse_args(argv)
 
 
@@ -40,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         from .generate import generate, load_model
+        from .java import resolve_impl
         from .metrics import load_references, score
 
         for flag, value in (("--beams", args.beams), ("--max-new-tokens", args.max_new_tokens),
                             ("--batch-size", args.batch_size)):
             if value < 1:
                 raise ConfigError(f"{flag}: {value} is invalid; must be >= 1")
+        resolve_impl(args.metrics_impl, field="--metrics-impl")  # before decoding, not after
         mrs, references = load_references(args.data, field="--data")
         if args.limit:
             mrs, references = mrs[:args.limit], references[:args.limit]
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     hyp_path = Path(args.hyp_out) if args.hyp_out else out.with_suffix(".hyp.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
     hyp_path.write_text("".join(h + "\n" for h in hypotheses))
-    results = {**score(hypotheses, references), "num_mrs": len(mrs), "decode_seconds": round(seconds, 2),
+    results = {**score(hypotheses, references, impl=args.metrics_impl), "num_mrs": len(mrs), "decode_seconds": round(seconds, 2),
                "hypotheses": str(hyp_path), "model": args.model, "data": args.data,
                "decoding": {"beams": args.beams, "length_penalty": args.length_penalty,
                             "no_repeat_ngram": args.no_repeat_ngram, "max_new_tokens": args.max_new_tokens}}

@@ -14,10 +14,12 @@ the paraphrase table), so the data is the official data and comes from PyPI:
 * 'rank' parameters for English: alpha 0.85, beta 0.20, gamma 0.60, delta 0.75 (function words
   weigh 1 - delta), module weights 1.0 / 0.6 / 0.8 / 0.6;
 * per segment the best-scoring reference is kept; the corpus score is computed from the summed
-  sufficient statistics (the jar's EVAL line), not by averaging segment scores.
+  sufficient statistics (the jar's EVAL line), not by averaging segment scores;
+* summing segments, the jar leaves out the chunk count of a segment that matches its reference
+  entirely in one chunk (MeteorStats.addStats), so a corpus of exact matches scores 1.
 
-Not reproduced: the jar's text normalizer is approximated by mteval-13a tokenization (which it
-follows), and Java String.hashCode collisions are ignored.
+The text is expected already normalized as the jar's `-norm` does it (see meteor_norm.py).
+Not reproduced: Java String.hashCode collisions are ignored.
 """
 
 from __future__ import annotations
@@ -126,7 +128,16 @@ class MeteorStats:
                              (self.ref_content, o.ref_content), (self.ref_function, o.ref_function)):
             for k in range(4):
                 mine[k] += theirs[k]
-        self.chunks += o.chunks
+        # MeteorStats.addStats leaves out the chunk of a segment that matches its reference
+        # entirely in one chunk, so a corpus of exact matches scores 1, not 1 - gamma * ...
+        if not o.is_whole_match():
+            self.chunks += o.chunks
+
+    def is_whole_match(self) -> bool:
+        """Every word on both sides matched, in a single chunk (the jar's `test = ref` case)."""
+        return (sum(self.test_content) + sum(self.test_function) == self.test_len
+                and sum(self.ref_content) + sum(self.ref_function) == self.ref_len
+                and self.chunks == 1)
 
     def score(self) -> float:
         """MeteorScorer.computeMetrics: weighted P and R, Fmean, fragmentation penalty."""
@@ -143,7 +154,7 @@ class MeteorStats:
             return 0.0
         p, r = test_w / test_w_len, ref_w / ref_w_len
         fmean = 1.0 / ((1 - ALPHA) / p + ALPHA / r)
-        if test_m == self.test_len and ref_m == self.ref_len and self.chunks == 1:
+        if self.is_whole_match():
             frag = 0.0  # identical strings get no penalty at all
         else:
             frag = self.chunks / ((test_m + ref_m) / 2)
@@ -267,13 +278,14 @@ class MeteorScorer:
                 if h != r and not syn1[i].isdisjoint(syn2[j]):
                     add(Match(j, 1, i, 1, SYNONYM))
         if self.paraphrases:
+            in_hyp, in_ref = _Positions(hyp), _Positions(ref)
             for j in range(len(ref)):  # reference phrase -> paraphrase found in the hypothesis
                 for length, par in self._phrases_at(ref, j):
-                    for i in _find(hyp, par):
+                    for i in in_hyp.find(par):
                         add(Match(j, length, i, len(par), PARAPHRASE))
             for i in range(len(hyp)):  # hypothesis phrase -> paraphrase found in the reference
                 for length, par in self._phrases_at(hyp, i):
-                    for j in _find(ref, par):
+                    for j in in_ref.find(par):
                         add(Match(j, len(par), i, length, PARAPHRASE))
         return by_start, cov1, cov2
 
@@ -360,6 +372,13 @@ class MeteorScorer:
 
     def segment_stats(self, hyp: Sequence[str], refs: Sequence[Sequence[str]]) -> MeteorStats:
         """Statistics against the best-scoring reference (the first one on ties)."""
+        # Only an identical reference scores 1 (P = R = 1 needs every word matched exactly, no
+        # penalty needs a single chunk), so the first identical one wins: the rest need no
+        # alignment. (Not for an empty hypothesis: every reference scores 0, the first wins.)
+        if hyp:
+            same = next((ref for ref in refs if list(ref) == list(hyp)), None)
+            if same is not None:
+                return self.pair_stats(hyp, same)
         best, best_score = MeteorStats(), -1.0
         for ref in refs:
             s = self.pair_stats(hyp, ref)
@@ -375,11 +394,22 @@ class MeteorScorer:
         return total.score()
 
 
-def _find(words: Sequence[str], phrase: tuple[str, ...]) -> Iterable[int]:
-    n = len(phrase)
-    for i in range(len(words) - n + 1):
-        if tuple(words[i:i + n]) == phrase:
-            yield i
+class _Positions:
+    """Where each n-gram of `words` starts (ascending), indexed per n on first use: finding a
+    paraphrase is then one lookup, not a scan of the sentence."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = tuple(words)
+        self.by_n: dict[int, dict[tuple[str, ...], list[int]]] = {}
+
+    def find(self, phrase: tuple[str, ...]) -> Sequence[int]:
+        n = len(phrase)
+        index = self.by_n.get(n)
+        if index is None:
+            index = self.by_n[n] = {}
+            for i in range(len(self.words) - n + 1):
+                index.setdefault(self.words[i:i + n], []).append(i)
+        return index.get(phrase, ())
 
 
 def _count_chunks(matches: Sequence[Match | None]) -> int:
@@ -403,14 +433,22 @@ def _count_chunks(matches: Sequence[Match | None]) -> int:
 def corpus_meteor(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]], *,
                   paraphrase: bool = True) -> float:
     """Corpus METEOR 1.5 of tokenized hypotheses against their tokenized references."""
+    return corpus_meteor_sets([hyps], refs, paraphrase=paraphrase)[0]
+
+
+def corpus_meteor_sets(hyp_sets: Sequence[Sequence[Sequence[str]]],
+                       refs: Sequence[Sequence[Sequence[str]]], *, paraphrase: bool = True) -> list[float]:
+    """Corpus METEOR of several hypothesis sets against the same references: the paraphrase
+    table (a 5 s scan) is read once for all of them."""
     function_words, synsets, exceptions = load_jar_resources()
     table = None
     if paraphrase:
-        vocab = {w for h in hyps for w in h} | {w for rs in refs for r in rs for w in r}
+        vocab = {w for hyps in hyp_sets for h in hyps for w in h}
+        vocab |= {w for rs in refs for r in rs for w in r}
         table = load_paraphrases(vocab)
     scorer = MeteorScorer(function_words, synsets, exceptions, table)
-    return scorer.corpus_score(hyps, refs)
+    return [scorer.corpus_score(hyps, refs) for hyps in hyp_sets]
 
 
-__all__ = ["MeteorScorer", "MeteorStats", "Match", "corpus_meteor", "load_jar_resources",
+__all__ = ["MeteorScorer", "MeteorStats", "Match", "corpus_meteor", "corpus_meteor_sets", "load_jar_resources",
            "load_paraphrases", "ALPHA", "BETA", "GAMMA", "DELTA", "MODULE_WEIGHTS"]

@@ -1,31 +1,33 @@
-"""The E2E NLG challenge metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr), offline and without Java.
+"""The E2E NLG challenge metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr), as the official scorer.
 
 Mirrors tuetschek/e2e-metrics `measure_scores.py` on a CSV of references (`mr,ref`, several rows
 per MR) and a hypothesis file with one line per distinct MR, in first-appearance order:
 
-    python -m splitlora_ds.evaluate.metrics --hyp out.txt --refs devset.csv --out scores.json
+    python -m splitlora_ds.evaluate.metrics --hyp out.txt --refs devset.csv --out scores.json [--impl auto|jar|python]
 
-How each score relates to the official script (which runs mteval-v13a.pl for BLEU/NIST and the
-MS-COCO caption evaluator, i.e. pycocoevalcap with Java tokenizer and METEOR, for the rest):
+The official script fixes some mojibake in the reference file (Ł, Â£, Ã©, ã©), runs
+mteval-v13a-sig.pl for BLEU/NIST and the MS-COCO caption evaluator for the rest: Stanford's
+PTBTokenizer (Java) lowercases and tokenizes, pycocoevalcap's punctuation tokens are dropped, then
+meteor-1.5.jar (`-l en -norm`), Rouge and Cider score. Here:
 
 * BLEU: sacrebleu's corpus BLEU (4-gram, clipped by the max count over all references, closest
-  reference length, ties to the shorter) with lowercasing and mteval-13a tokenization: the same
-  definition as mteval-v13a.pl; reported in [0, 1].
-* NIST: mteval's corpus NIST (n=5) implemented below: information weights from all references,
-  hits clipped as in BLEU, average reference length in the length penalty (as the script's
-  Python port pymteval does it). nltk's corpus_nist is not used: it scores each hypothesis
-  against one best reference only, which gives different numbers with E2E's ~8 references.
-* ROUGE-L and CIDEr: pycocoevalcap's own Rouge (beta 1.2, per-sentence, best P and best R over
-  the references, averaged) and Cider (CIDEr-D: tf-idf over this reference corpus, n=4,
-  sigma=6, clipped, x10): the exact code the official script runs.
-* METEOR: a Python re-implementation of meteor-1.5.jar (`-l en -norm`) using the jar's data
-  from the pycocoevalcap wheel; see splitlora_ds/evaluate/meteor.py for what may differ.
+  reference length, ties to the shorter) on mteval-13a tokens after mteval's ASCII-only
+  lowercasing: the definition of mteval-v13a; reported in [0, 1].
+* NIST: mteval's corpus NIST (n=5) implemented below, including its reference length (total
+  reference words / mean number of references per MR, see `nist`).
+* Tokenization for METEOR/ROUGE-L/CIDEr, and METEOR itself, come in two implementations (`impl`):
+  - "jar" (default whenever a Java runtime is found): the official ones: stanford-corenlp-3.4.1.jar
+    and meteor-1.5.jar from the installed pycocoevalcap wheel, byte-identical to the jars the
+    official scorer ships, run as it runs them (see ptb.py, meteor_jar.py);
+  - "python" (no Java, or forced): ptb.py's port of the Stanford tokenizer and meteor.py's port
+    of METEOR 1.5 with meteor_norm.py's port of its `-norm` normalizer, which read the jar's own
+    data (function words, WordNet, paraphrase table, non-breaking prefixes) from the wheel.
+  The returned scores say which one ran: "tokenizer_impl" and "meteor_impl".
+* ROUGE-L and CIDEr: pycocoevalcap's own Rouge (beta 1.2) and Cider (CIDEr-D, document
+  frequencies from these references, x10): the exact code the official script runs.
 
-Tokenization: BLEU/NIST see lowercased text with mteval-13a tokenization (what mteval does).
-METEOR/ROUGE-L/CIDEr see the COCO evaluator's tokenization: the official one is Stanford's
-PTBTokenizer (Java) lowercased with punctuation tokens dropped; here nltk's Treebank tokenizer
-(the same PTB conventions) after splitting sentence-final periods and currency symbols, which
-Stanford's tokenizer splits and nltk's does not. METEOR then applies its -norm (13a) tokenization.
+tests/test_metrics_official.py holds the official scorer's numbers on three hypothesis sets over
+the E2E devset; both implementations agree with them within 0.1% (jar: to all printed digits).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections import Counter
 from functools import lru_cache
@@ -41,48 +42,45 @@ from pathlib import Path
 from typing import Sequence
 
 from splitlora_ds.errors import ConfigError
+from splitlora_ds.evaluate.java import IMPLS, resolve_impl
 
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 
-# Tokens the COCO tokenizer removes after PTB tokenization (pycocoevalcap's PUNCTUATIONS, plus
-# the bracket characters that Stanford's tokenizer would have turned into the -LRB- etc. listed).
-_COCO_PUNCT = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!",
-                         ",", ":", "-", "--", "...", ";", "(", ")", "[", "]", "{", "}"])
-# Abbreviations whose final period is part of the word for a PTB tokenizer.
-_ABBREVIATIONS = frozenset(["mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "mt"])
 # Mojibake the official reader repairs in E2E reference files.
 _FIXES = (("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
+# mteval-v13a lowercases with `tr/[A-Z]/[a-z]/`: ASCII letters only.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 # --------------------------------------------------------------------------- tokenization
 
 
 @lru_cache(maxsize=1)
-def _tokenizers():
-    from nltk.tokenize import TreebankWordTokenizer
+def _mteval_tokenizer():
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-    return TreebankWordTokenizer(), Tokenizer13a()
+    return Tokenizer13a()
 
 
 def mteval_tokenize(text: str) -> list[str]:
-    """Lowercase + mteval-v13a tokenization (BLEU, NIST, and METEOR's -norm)."""
-    return _tokenizers()[1](text.lower()).split()
+    """mteval-v13a's lowercasing (ASCII) and tokenization, as BLEU and NIST see the text."""
+    return _mteval_tokenizer()(text.translate(_ASCII_LOWER)).split()
 
 
 def coco_tokenize(text: str) -> list[str]:
-    """Approximates the COCO evaluator's PTBTokenizer pass: lowercase, PTB tokens, no punctuation."""
-    words = []
-    for w in text.lower().replace("\n", " ").split():
-        # Stanford splits a sentence-final period off a word ("shop." -> "shop ."); nltk's
-        # Treebank tokenizer only does so at the end of the whole string.
-        if (len(w) > 1 and w.endswith(".") and "." not in w[:-1]
-                and w[:-1].strip("\"')]}") not in _ABBREVIATIONS):
-            w = w[:-1] + " ."
-        words.append(w)
-    # Stanford separates currency symbols from amounts ("£20" -> "£ 20"); nltk only does '$'.
-    text = re.sub(r"([£€¥¢])", r" \1 ", " ".join(words))
-    return [t for t in _tokenizers()[0].tokenize(text) if t not in _COCO_PUNCT]
+    """The COCO evaluator's tokens for one text, in pure Python (see ptb.py)."""
+    from splitlora_ds.evaluate.ptb import coco_tokens, ptb_tokenize_python
+
+    return coco_tokens(ptb_tokenize_python(text))
+
+
+def coco_tokenize_all(texts: Sequence[str], impl: str = "auto") -> list[list[str]]:
+    """The COCO evaluator's tokens for many texts: one Stanford tokenizer run with impl 'jar'."""
+    from splitlora_ds.evaluate.ptb import coco_tokens, ptb_tokenize_jar
+
+    if resolve_impl(impl) == "jar":
+        return [coco_tokens(t) for t in ptb_tokenize_jar(texts)]
+    return [coco_tokenize(t) for t in texts]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -105,11 +103,14 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> floa
     from sacrebleu.metrics import BLEU
 
     n_refs = max(len(r) for r in references)
-    # sacrebleu takes one stream per reference slot; None marks a missing reference.
-    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(n_refs)]
-    scorer = BLEU(lowercase=True, tokenize="13a", smooth_method="none", effective_order=False)
+    # sacrebleu takes one stream per reference slot; None marks a missing reference (mteval's
+    # padding with empty references, which its closest-length rule skips too).
+    streams = [[refs[k].translate(_ASCII_LOWER) if k < len(refs) else None for refs in references]
+               for k in range(n_refs)]
+    scorer = BLEU(lowercase=False, tokenize="13a", smooth_method="none", effective_order=False)
+    hyps = [h.translate(_ASCII_LOWER) for h in hypotheses]
     # min: sacrebleu's float sums can land a hair above 100 for a perfect corpus.
-    return min(scorer.corpus_score(list(hypotheses), streams).score / 100.0, 1.0)
+    return min(scorer.corpus_score(hyps, streams).score / 100.0, 1.0)
 
 
 def _ngrams(tokens: Sequence[str], n: int) -> Counter:
@@ -122,7 +123,10 @@ def nist(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]],
     info(w1..wk) = log2(count(w1..wk-1) / count(w1..wk)) over all reference tokens (the 0-gram
     count is the total number of reference words); score = sum_k (sum of info of the clipped
     hits / number of hypothesis k-grams) * exp(-beta * log(min(sys_len / avg_ref_len, 1))^2)
-    with beta chosen so that a length ratio of 2/3 gives a penalty of 0.5.
+    with beta chosen so that a length ratio of 2/3 gives a penalty of 0.5. The average reference
+    length is mteval's: all reference words / (references / MRs), i.e. the references of all MRs
+    pooled (the official script pads short reference lists with empty ones, which count neither
+    as words nor as references), not the mean of each MR's average length.
     """
     counts: Counter = Counter()
     for rs in refs:
@@ -131,7 +135,7 @@ def nist(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]],
             for k in range(1, n + 1):
                 counts.update(_ngrams(r, k))
     hit_info, hyp_total = [0.0] * n, [0] * n
-    sys_len, ref_len = 0, 0.0
+    sys_len = 0
     for hyp, rs in zip(hyps, refs):
         for k in range(1, n + 1):
             hyp_ng = _ngrams(hyp, k)
@@ -144,7 +148,8 @@ def nist(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]],
                 if hits:
                     hit_info[k - 1] += hits * math.log2(counts[g[:-1]] / counts[g])
         sys_len += len(hyp)
-        ref_len += sum(len(r) for r in rs) / len(rs)
+    refs_per_mr = sum(len(rs) for rs in refs) / len(refs)
+    ref_len = counts[()] / refs_per_mr
     total = sum(h / t for h, t in zip(hit_info, hyp_total) if t)
     ratio = sys_len / ref_len if ref_len else 0.0
     if ratio >= 1:
@@ -179,31 +184,65 @@ def _coco_dicts(hyps, refs) -> tuple[dict[int, list[str]], dict[int, list[str]]]
 
 
 def meteor(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]], *,
-           paraphrase: bool = True) -> float:
-    """Corpus METEOR 1.5 on COCO-tokenized text (re-normalized as the jar's -norm does)."""
-    from splitlora_ds.evaluate.meteor import corpus_meteor
-
-    norm = lambda toks: mteval_tokenize(" ".join(toks))  # noqa: E731
-    return corpus_meteor([norm(h) for h in hyps], [[norm(r) for r in rs] for rs in refs],
-                         paraphrase=paraphrase)
+           paraphrase: bool = True, impl: str = "auto") -> float:
+    """Corpus METEOR 1.5 (`-l en -norm`) on COCO-tokenized text: the jar, or its Python port."""
+    return meteor_sets([hyps], refs, paraphrase=paraphrase, impl=impl)[0]
 
 
-def score(hypotheses: list[str], references: list[list[str]], *,
-          meteor_paraphrase: bool = True) -> dict[str, float]:
+def meteor_sets(hyp_sets: Sequence[Sequence[Sequence[str]]], refs: Sequence[Sequence[Sequence[str]]], *,
+                paraphrase: bool = True, impl: str = "auto") -> list[float]:
+    """`meteor` for several hypothesis sets against the same references, loading METEOR once."""
+    if resolve_impl(impl) == "jar":
+        from splitlora_ds.evaluate.meteor_jar import meteor_jar_sets
+
+        return meteor_jar_sets([[" ".join(h) for h in hyps] for hyps in hyp_sets],
+                               [[" ".join(r) for r in rs] for rs in refs], paraphrase=paraphrase)
+    from splitlora_ds.evaluate.meteor import corpus_meteor_sets
+    from splitlora_ds.evaluate.meteor_norm import normalize_line
+
+    norm = lambda toks: normalize_line(" ".join(toks)).split()  # noqa: E731
+    return corpus_meteor_sets([[norm(h) for h in hyps] for hyps in hyp_sets],
+                              [[norm(r) for r in rs] for rs in refs], paraphrase=paraphrase)
+
+
+def score(hypotheses: list[str], references: list[list[str]], *, meteor_paraphrase: bool = True,
+          impl: str = "auto") -> dict[str, float | str]:
     """The five E2E metrics of `hypotheses[i]` against its references `references[i]`.
 
-    `meteor_paraphrase=False` skips METEOR's paraphrase module (saves the few seconds spent
-    reading its table; METEOR then comes out slightly lower than the official one).
+    `impl` ('auto', 'jar', 'python') picks the tokenizer and METEOR implementation; 'auto' runs
+    the official jars when Java is available. The result names the one used ("tokenizer_impl",
+    "meteor_impl"). `meteor_paraphrase=False` skips METEOR's paraphrase module (faster; METEOR
+    then comes out slightly lower than the official one).
     """
-    _check(hypotheses, references)
+    return score_many([hypotheses], references, meteor_paraphrase=meteor_paraphrase, impl=impl)[0]
+
+
+def score_many(hypothesis_sets: Sequence[Sequence[str]], references: list[list[str]], *,
+               meteor_paraphrase: bool = True, impl: str = "auto") -> list[dict[str, float | str]]:
+    """`score` for several hypothesis sets (e.g. systems) against the same references: each set
+    is scored on its own, but references are tokenized and METEOR is loaded only once."""
+    if not hypothesis_sets:
+        raise ConfigError("score: no hypothesis sets to score")
+    for hyps in hypothesis_sets:
+        _check(hyps, references)
+    impl = resolve_impl(impl)
     refs = [[_fix(r) for r in rs] for rs in references]
-    mt_h = [mteval_tokenize(h) for h in hypotheses]
     mt_r = [[mteval_tokenize(r) for r in rs] for rs in refs]
-    co_h = [coco_tokenize(h) for h in hypotheses]
-    co_r = [[coco_tokenize(r) for r in rs] for rs in refs]
-    return {"bleu": bleu(hypotheses, refs), "nist": nist(mt_h, mt_r),
-            "meteor": meteor(co_h, co_r, paraphrase=meteor_paraphrase),
-            "rouge_l": rouge_l(co_h, co_r), "cider": cider(co_h, co_r)}
+    # One tokenizer run over references then hypotheses (the official script runs two per set;
+    # with -preserveLines every line is tokenized on its own, so the tokens are the same).
+    flat = coco_tokenize_all([r for rs in refs for r in rs] + [h for hs in hypothesis_sets for h in hs],
+                             impl)
+    it = iter(flat)
+    co_r = [[next(it) for _ in rs] for rs in refs]
+    co_hs = [[next(it) for _ in hs] for hs in hypothesis_sets]
+    meteors = meteor_sets(co_hs, co_r, paraphrase=meteor_paraphrase, impl=impl)
+    out = []
+    for hyps, co_h, met in zip(hypothesis_sets, co_hs, meteors):
+        mt_h = [mteval_tokenize(h) for h in hyps]
+        out.append({"bleu": bleu(hyps, refs), "nist": nist(mt_h, mt_r), "meteor": met,
+                    "rouge_l": rouge_l(co_h, co_r), "cider": cider(co_h, co_r),
+                    "tokenizer_impl": impl, "meteor_impl": impl})
+    return out
 
 
 def _fix(text: str) -> str:
@@ -246,15 +285,16 @@ def read_hypotheses(path: str | Path) -> list[str]:
     return [line.rstrip("\r").strip() for line in lines]
 
 
-def evaluate_files(hyp_path: str | Path, refs_path: str | Path, *,
-                   meteor_paraphrase: bool = True) -> dict[str, float | int]:
+def evaluate_files(hyp_path: str | Path, refs_path: str | Path, *, meteor_paraphrase: bool = True,
+                   impl: str = "auto") -> dict[str, float | int | str]:
     hyps = read_hypotheses(hyp_path)
     mrs, refs = load_references(refs_path)
     if len(hyps) != len(mrs):
         raise ConfigError(f"--hyp: {str(hyp_path)!r} has {len(hyps)} lines but --refs "
                           f"{str(refs_path)!r} has {len(mrs)} distinct MRs; expected one "
                           "hypothesis per MR, in the order the MRs first appear")
-    out: dict[str, float | int] = dict(score(hyps, refs, meteor_paraphrase=meteor_paraphrase))
+    out: dict[str, float | int | str] = dict(score(hyps, refs, meteor_paraphrase=meteor_paraphrase,
+                                                   impl=impl))
     out.update(n_mrs=len(mrs), n_references=sum(len(r) for r in refs))
     return out
 
@@ -267,9 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON file to write the scores to")
     ap.add_argument("--no-paraphrase", action="store_true",
                     help="skip METEOR's paraphrase matching (faster, slightly lower METEOR)")
+    ap.add_argument("--impl", default="auto", choices=IMPLS,
+                    help="tokenizer and METEOR: the official jars (needs Java), their Python ports, "
+                         "or auto: the jars when Java is found (default)")
     args = ap.parse_args(argv)
     try:
-        scores = evaluate_files(args.hyp, args.refs, meteor_paraphrase=not args.no_paraphrase)
+        scores = evaluate_files(args.hyp, args.refs, meteor_paraphrase=not args.no_paraphrase,
+                                impl=args.impl)
         out = Path(args.out)
         if out.parent and not out.parent.exists():
             raise ConfigError(f"--out: directory {str(out.parent)!r} does not exist")

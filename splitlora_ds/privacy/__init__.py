@@ -1,0 +1,1 @@
+"""Privacy options: differential privacy on activations and on adapter updates (dp.py)."""
