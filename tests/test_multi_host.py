@@ -217,7 +217,7 @@ def test_two_hosts_without_a_shared_disk_resume_and_export(tmp_path):
     for rc, text in results:
         assert rc != 0 and "Traceback" not in text, text[-3000:]
         lines |= set(errors_of(text))
-    assert len(lines) == 1, lines
+    assert len(lines) == 1, "\n".join(lines)
     line = lines.pop()
     assert "(node 0) (ranks 0 client0, 1 client1): no client0 part" in line, line
     assert "(node 1) (ranks 2 client2, 3 server0): " in line and "has train.seed=99 but this run has train.seed=7" in line
@@ -236,7 +236,7 @@ def test_hosts_with_different_recipes_stop_with_one_line(tmp_path):
     for rc, text in run_hosts(a, b, timeout=TIMEOUT_S + 120, direct=True):
         assert rc != 0 and "Traceback" not in text, text[-3000:]
         lines = set(errors_of(text))
-        assert len(lines) == 1, text[-3000:]
+        assert len(lines) == 1, "\n".join(lines) or text[-3000:]
         line = lines.pop()
         assert "the recipe differs between hosts" in line and "(node 1) (ranks 1 server0)" in line, line
 
