@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Run a recipe across machines with a DeepSpeed hostfile (passwordless ssh from this machine to
-# every host, the project installed at the same path on each).
+# Run a recipe across machines with a DeepSpeed hostfile, started from this machine through pdsh
+# (DeepSpeed's default multi-node launcher: passwordless ssh from here to every host, pdsh
+# installed, and the project and recipe at the same path on each, as the command runs there
+# as given here). Disks need not be shared: every host keeps its own ranks' checkpoints and
+# logs under the recipe's paths, resolved on that host (see README "Launching"). Hosts that
+# cannot be reached by ssh start their own ranks with launch/host.sh instead.
 #   launch/multi-node.sh launch/hostfile.example recipes/gpt2-e2e.yaml [--set ...]
 # Ranks are numbered host by host in hostfile order, so list the client machines first and the
 # server machine(s) last: ranks 0..C-1 become clients, the last S ranks the server stages.
@@ -10,12 +14,7 @@ set -euo pipefail
 hostfile=${1:?usage: launch/multi-node.sh HOSTFILE RECIPE [--set section.key=value ...]}
 recipe=${2:?usage: launch/multi-node.sh HOSTFILE RECIPE [--set section.key=value ...]}
 shift 2
-world=$(python -m splitlora_ds.train --recipe "$recipe" "$@" --world-size | tail -n 1)
-slots=$(awk '!/^[[:space:]]*#/ { for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) { split($i, a, "="); s += a[2] } }
-             END { print s + 0 }' "$hostfile")
-if (( world != slots )); then
-  echo "launch/multi-node.sh: the recipe needs $world ranks but $hostfile offers $slots slots" >&2
-  exit 2
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/slots.sh"
+check_slots launch/multi-node.sh "$hostfile" "$recipe" "$@"
 exec deepspeed --hostfile "$hostfile" --master_port "${MASTER_PORT:-29500}" \
   --module splitlora_ds.train --recipe "$recipe" "$@"

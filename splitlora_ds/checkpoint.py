@@ -1,21 +1,29 @@
-"""Checkpoints of a split run: every rank saves its own part, one metadata file marks it complete.
+"""Checkpoints of a split run: every rank saves its own part and marks that part complete.
 
     checkpoint.dir/
       step-000010/
         client0.safetensors      adapters (safetensors)
         client0.state.pt         optimizer, LR scheduler, RNG states, data position, byte counters
-        ...                      (one pair per role)
-        meta.json                step, config, world layout, sample counts: written LAST
+        client0.done.json        the part's completion marker, written LAST: step, config and its
+        ...                      digest, world layout, sample counts, host and rank (one per role)
       step-000020/ ...
 
-Every file is written to a temporary name and renamed into place, and meta.json appears only
-after every rank has finished (a barrier), so a crash mid-write leaves the previous checkpoint
-as the latest complete one. State files hold only tensors and plain containers and are read with
-`torch.load(weights_only=True)`.
+Ranks need not share a filesystem: each host keeps its own ranks' parts under checkpoint.dir as
+resolved on that host, and each rank prunes its own parts. A checkpoint is complete for a rank
+when that rank's marker is there; with one shared folder it is complete when every role's marker
+is. At `--resume` every rank lists the steps complete for it (`prepare`), and the ranks agree on
+the newest step complete everywhere with one collective (`hosts.agree`). Every file is written to
+a temporary name and renamed into place, the marker after the rank's files, so a crash mid-write
+leaves the previous checkpoint as the latest complete one. State files hold only tensors and
+plain containers and are read with `torch.load(weights_only=True)`.
+
+Format 1 (before per-rank markers): one `meta.json`, written by rank 0 after a barrier, marked
+every role's part complete. Such checkpoints still load where that folder is visible (one host).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -30,8 +38,10 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError
 
-META = "meta.json"
+META = "meta.json"  # format 1: the one marker of a whole checkpoint
+MARK = ".done.json"  # format 2: <role>.done.json marks that role's part complete
 PREFIX = "step-"
+FORMAT = 2
 # Fields that must match for a resume to continue the same trajectory (run length, logging,
 # evaluation and checkpointing may change).
 _MUST_MATCH = ("mode", "model", "lora", "split", "federation", "data", "train.batch_size", "train.seed",
@@ -57,38 +67,103 @@ def save_rank(directory: Path, role_name: str, adapters: dict[str, torch.Tensor]
 
 
 def write_meta(directory: Path, meta: dict) -> None:
-    """Mark the checkpoint complete (call after every rank's save_rank returned)."""
+    """Format 1's whole-checkpoint marker (kept for tests and tools that write one folder)."""
     atomic_write(directory / META, lambda p: p.write_text(json.dumps(meta, indent=1, sort_keys=True)))
 
 
-def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
-    root = Path(root)
+def write_marker(directory: Path, role_name: str, meta: dict) -> None:
+    """Mark `role_name`'s part complete (call after its save_rank returned)."""
+    atomic_write(directory / f"{role_name}{MARK}", lambda p: p.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+
+
+def config_digest(config: dict) -> str:
+    """A digest of the fields that must match for a resume to continue the same trajectory."""
+    fields = {key: _get(config, key) for key in _MUST_MATCH}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def step_of(directory: Path) -> int:
+    return int(directory.name[len(PREFIX):])
+
+
+def step_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / META).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=step_of)
 
 
-def prune(root: str | os.PathLike, keep: int) -> None:
-    for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def has_part(directory: Path, role_name: str) -> bool:
+    """Whether `role_name`'s part of this step is complete (its marker, or a format-1 meta.json)."""
+    return (directory / f"{role_name}{MARK}").is_file() or (directory / META).is_file()
+
+
+def is_complete(directory: Path) -> bool:
+    """Every role's part is in this folder (a format-1 meta.json, or every role's marker)."""
+    if (directory / META).is_file():
+        return True
+    markers = sorted(directory.glob(f"*{MARK}"))
+    if not markers:
+        return False
+    try:
+        roles = json.loads(markers[0].read_text())["roles"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((directory / f"{r}{MARK}").is_file() for r in roles)
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Checkpoints under `root` with every role's part, oldest first."""
+    return [d for d in step_dirs(Path(root)) if is_complete(d)]
+
+
+def rank_checkpoints(root: str | os.PathLike, role_name: str) -> list[Path]:
+    """Step folders under `root` where `role_name`'s part is complete, oldest first."""
+    return [d for d in step_dirs(Path(root)) if has_part(d, role_name)]
+
+
+def prune(root: str | os.PathLike, role_name: str, keep: int) -> None:
+    """Delete `role_name`'s parts older than its newest `keep` complete ones. Each rank prunes only
+    its own files (so hosts without a shared folder each prune theirs); a step folder left with
+    no marker (only gathered copies or temporary files) goes too."""
+    for old in rank_checkpoints(root, role_name)[:-keep] if keep > 0 else []:
+        for name in (f"{role_name}{MARK}", f"{role_name}.safetensors", f"{role_name}.state.pt", META):
+            try:
+                (old / name).unlink()
+            except FileNotFoundError:
+                pass
+        if not any(old.glob(f"*{MARK}")):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve(spec: str, checkpoint_root: Optional[str]) -> Path:
-    """`--resume` argument -> one step directory: 'latest' (of checkpoint.dir), a checkpoint.dir
-    (its latest), or a step directory."""
+    """`--checkpoint`/`--resume` argument -> one step directory with every role's part:
+    'latest' (of checkpoint.dir), a checkpoint.dir (its latest), or a step directory."""
     if spec == "latest":
         if not checkpoint_root:
             raise ConfigError("--resume latest: set checkpoint.dir to say where the checkpoints are")
         spec = checkpoint_root
     path = Path(spec)
-    if (path / META).is_file():
+    if is_complete(path):
         return path
     found = complete_checkpoints(path)
     if not found:
-        raise ConfigError(f"--resume: no complete checkpoint (a {PREFIX}N folder with {META}) in {spec}")
+        raise ConfigError(f"--resume: no complete checkpoint (a {PREFIX}N folder with every role's part) in {spec}")
     return found[-1]
+
+
+def rank_candidates(spec: str, checkpoint_root: Optional[str], role_name: str) -> list[Path]:
+    """`--resume` argument -> the step folders holding `role_name`'s complete part, newest first:
+    one step folder as given, or every step of a checkpoint.dir ('latest': checkpoint.dir). Which
+    of them the run continues from is agreed with the other ranks (hosts.agree)."""
+    if spec == "latest":
+        if not checkpoint_root:
+            raise ConfigError("--resume latest: set checkpoint.dir to say where the checkpoints are")
+        spec = checkpoint_root
+    path = Path(spec)
+    if path.name.startswith(PREFIX) and path.name[len(PREFIX):].isdigit():
+        return [path] if has_part(path, role_name) else []
+    return list(reversed(rank_checkpoints(path, role_name)))
 
 
 @dataclass
@@ -100,11 +175,24 @@ class Loaded:
     state: dict
 
 
-def read_meta(directory: Path) -> dict:
+def read_meta(directory: Path, role_name: Optional[str] = None) -> dict:
+    """The checkpoint's metadata: `role_name`'s marker (any role's when None), or the format-1
+    meta.json."""
+    if role_name is not None and (directory / f"{role_name}{MARK}").is_file():
+        path = directory / f"{role_name}{MARK}"
+    elif (directory / META).is_file():
+        path = directory / META
+    else:
+        markers = sorted(directory.glob(f"*{MARK}")) if role_name is None else []
+        path = markers[0] if markers else directory / (f"{role_name}{MARK}" if role_name else META)
     try:
-        return json.loads((directory / META).read_text())
+        meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--resume: cannot read {directory / META}: {e}") from e
+        raise ConfigError(f"--resume: cannot read {path}: {e}") from e
+    if meta.get("format", 1) > FORMAT:
+        raise ConfigError(f"--resume: {path} is of checkpoint format {meta['format']}; this version reads "
+                          f"formats 1..{FORMAT}")
+    return meta
 
 
 def check_compatible(meta: dict, config: dict, clients: int, server_stages: int, directory: Path) -> None:
@@ -136,7 +224,10 @@ def _diff(a: Any, b: Any, prefix: str):
 
 
 def load_rank(directory: Path, role_name: str) -> Loaded:
-    meta = read_meta(directory)
+    if not has_part(directory, role_name):
+        raise ConfigError(f"--resume: {directory} has no {role_name} part (no {role_name}{MARK}: a checkpoint of "
+                          f"another world layout, or that part is on another host)")
+    meta = read_meta(directory, role_name)
     adapters_path, state_path = directory / f"{role_name}.safetensors", directory / f"{role_name}.state.pt"
     for p in (adapters_path, state_path):
         if not p.is_file():

@@ -237,6 +237,9 @@ class LogConfig:
     dir: str = "runs/default"  # TensorBoard log dir; each role writes its own run under it
     print_every: int = 10  # console line every N steps (TensorBoard gets every step)
     all_ranks: bool = False  # also print every other rank's step lines (default: the main rank only)
+    # Copy every role's summary.json to the main rank's log.dir at the end (hosts without a
+    # shared filesystem: the benchmark then works from the main rank's machine alone).
+    gather: bool = False
 
     def __post_init__(self) -> None:
         _require(self.print_every >= 1, "log.print_every", self.print_every, "must be >= 1")
@@ -247,6 +250,9 @@ class CheckpointConfig:
     dir: Optional[str] = None  # where step-N/ checkpoints go; None: no checkpoints
     every: int = 0  # save every N steps (0: only after the last step); needs checkpoint.dir
     keep: int = 2  # complete checkpoints to keep (older ones are deleted)
+    # Send the clients' final adapters to server0 and write them into its checkpoint folder at
+    # the last step (off by default: the adapters are the data owners' to share).
+    gather_adapters: bool = False
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "checkpoint.every", self.every, "must be >= 0")
@@ -331,6 +337,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", self.mode, f"use one of {', '.join(MODES)}")
+        # Gathered adapters go into server0's last checkpoint: there must be both.
+        _require(not self.checkpoint.gather_adapters or self.checkpoint.dir is not None, "checkpoint.gather_adapters",
+                 True, "writes into server0's checkpoint folder; set checkpoint.dir")
+        _require(not self.checkpoint.gather_adapters or self.mode in ("split", "sequential"),
+                 "checkpoint.gather_adapters", True, f"needs a server to gather to; mode={self.mode} has none")
         _require(self.importance.replan_threshold is None or self.mode == "split", "importance.replan_threshold",
                  self.importance.replan_threshold, "re-planning ranks needs mode=split")
         _require(self.importance.replan_threshold is None or self.federation.aggregation != "fedavg",

@@ -1,6 +1,11 @@
 """Export a checkpoint as a standard PEFT adapter (or a merged model) for the Hugging Face model.
 
-    python -m splitlora_ds.export --checkpoint DIR --out OUT [--merge]
+    python -m splitlora_ds.export --checkpoint DIR [--checkpoint DIR ...] --out OUT [--merge]
+
+Hosts without a shared filesystem each keep their own ranks' parts: pass every host's folder
+(copied to one machine) as its own --checkpoint, or server0's folder alone when the run gathered
+the clients' adapters there (checkpoint.gather_adapters); the newest step that has every role's
+adapters across the folders is exported.
 
 The clients' adapters are averaged with the run's FedAvg weights (sample counts recorded in the
 checkpoint), joined with the server stages' adapters, and renamed from the split layer list
@@ -39,28 +44,65 @@ from .models.base import build_layer, strip_peft
 _LORA_MARK = ".lora_"
 
 
-def averaged_adapters(directory: Path, meta: dict) -> dict[str, torch.Tensor]:
+def locate(specs: list[str]) -> tuple[dict, dict[str, Path]]:
+    """(metadata, {role: its adapters file}) of the newest step that has every role's adapters
+    across `specs` (step folders, or checkpoint.dirs: one per host, or one shared folder)."""
+    metas: dict[int, list[dict]] = {}
+    files: dict[int, dict[str, Path]] = {}
+    for spec in specs:
+        path = Path(spec)
+        is_step = path.name.startswith(ckpt.PREFIX) and path.name[len(ckpt.PREFIX):].isdigit()
+        for directory in [path] if is_step else ckpt.step_dirs(path):
+            step = ckpt.step_of(directory)
+            markers = sorted(directory.glob(f"*{ckpt.MARK}")) + sorted(directory.glob(ckpt.META))
+            metas.setdefault(step, []).extend(ckpt.read_meta(directory, m.name[:-len(ckpt.MARK)])
+                                              if m.name.endswith(ckpt.MARK) else ckpt.read_meta(directory)
+                                              for m in markers)
+            for f in directory.glob("*.safetensors"):
+                files.setdefault(step, {}).setdefault(f.name[:-len(".safetensors")], f)
+    newest_missing = None
+    for step in sorted(metas, reverse=True):
+        if not metas[step]:
+            continue
+        meta = dict(metas[step][0])
+        missing = [r for r in meta["roles"] if r not in files.get(step, {})]
+        if missing:
+            newest_missing = newest_missing or (step, missing)
+            continue
+        # A server's marker has no sample counts (only clients learn them): take a client's.
+        meta["sample_counts"] = next((m["sample_counts"] for m in metas[step] if m.get("sample_counts")),
+                                     meta.get("sample_counts", []))
+        return meta, {r: files[step][r] for r in meta["roles"]}
+    where = ", ".join(specs)
+    if newest_missing:
+        step, missing = newest_missing
+        raise ConfigError(f"export: no complete checkpoint in {where}: step {step} lacks the adapters of "
+                          f"{', '.join(missing)} (pass each host's checkpoint folder as its own --checkpoint)")
+    raise ConfigError(f"export: no complete checkpoint (a {ckpt.PREFIX}N folder with its parts) in {where}")
+
+
+def averaged_adapters(files: dict[str, Path], meta: dict) -> dict[str, torch.Tensor]:
     """Our-named adapters of the whole model: FedAvg of the clients, plus every server stage."""
     roles = meta["roles"]
     clients = [r for r in roles if r.startswith("client")]
     merged: dict[str, torch.Tensor] = {}
     if clients:
         weights = sample_weights(meta["sample_counts"])
-        merged.update(fedavg([load_file(str(directory / f"{r}.safetensors")) for r in clients], weights))
+        merged.update(fedavg([load_file(str(files[r])) for r in clients], weights))
     for role in roles:
         if not role.startswith("client"):
-            merged.update(load_file(str(directory / f"{role}.safetensors")))
+            merged.update(load_file(str(files[role])))
     return merged
 
 
-def heterogeneous_adapters(directory: Path, meta: dict, cfg: RunConfig, setup: ClientSetup) -> dict[str, torch.Tensor]:
+def heterogeneous_adapters(files: dict[str, Path], meta: dict, cfg: RunConfig, setup: ClientSetup) -> dict[str, torch.Tensor]:
     """One adapter per module from holders of different blocks and ranks (HSplitLoRA).
 
     Right after an aggregation every holder of a module holds the same update at its own rank
     (exactly, or its best approximation at that rank): the highest-rank holder's factors are the
     model. Between aggregations the holders are combined first, as the next aggregation would."""
     roles = meta["roles"]
-    states = [load_file(str(directory / f"{r}.safetensors")) for r in roles]
+    states = [load_file(str(files[r])) for r in roles]
     names = [factor_names(sd) for sd in states]
     aggregated = is_aggregation_step(meta["step"] - 1, cfg.federation.aggregate_every,
                                      meta.get("run_steps", cfg.train.max_steps))
@@ -113,9 +155,8 @@ def hf_adapter_names(adapters: dict[str, torch.Tensor], family, hf_config, hf_mo
     return out
 
 
-def export(checkpoint: str, out: str, merge: bool = False) -> Path:
-    directory = ckpt.resolve(checkpoint, None)
-    meta = ckpt.read_meta(directory)
+def export(checkpoint: str | list[str], out: str, merge: bool = False) -> Path:
+    meta, files = locate([checkpoint] if isinstance(checkpoint, str) else list(checkpoint))
     cfg = from_dict(RunConfig, meta["config"], prefix="")
     family = get_family(cfg.model.family)
     hf_config = family.load_config(cfg.model.pretrained, cfg.model.config, cfg.model.attn_implementation)
@@ -123,9 +164,9 @@ def export(checkpoint: str, out: str, merge: bool = False) -> Path:
     # which need not exist where the export runs).
     setup = setup_from_dict(meta["setup"]) if meta.get("setup") else None
     if setup is not None and setup.exchanges:
-        adapters = heterogeneous_adapters(directory, meta, cfg, setup)
+        adapters = heterogeneous_adapters(files, meta, cfg, setup)
     else:
-        adapters = averaged_adapters(directory, meta)
+        adapters = averaged_adapters(files, meta)
     model = base_model(cfg, family, hf_config)
 
     targets = sorted({n.split(_LORA_MARK)[0].rsplit(".", 1)[-1] for n in adapters})
@@ -173,7 +214,9 @@ def export(checkpoint: str, out: str, merge: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="splitlora_ds.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a step-N checkpoint folder, or a checkpoint.dir (its latest)")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="a step-N checkpoint folder, or a checkpoint.dir (its latest); repeat it for the folders "
+                        "of several hosts")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--merge", action="store_true", help="write the merged full model instead of an adapter")
     args = p.parse_args(argv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -53,6 +54,11 @@ class Prepared:
     num_samples: int = 0  # this client's sample count (FedAvg weight); all samples when centralized
     streams: list[ClientBatches] = field(default_factory=list)  # the training streams this rank draws from
     resume: Optional[ckpt.Loaded] = None  # this rank's part of the checkpoint to continue from
+    # --resume: the argument, and this rank's usable parts by step (its newest is `resume`, loaded
+    # here). Which step the run continues from the ranks agree on after init (hosts.agree).
+    resume_spec: Optional[str] = None
+    resume_parts: dict[int, Path] = field(default_factory=dict)
+    resume_problem: str = ""  # why a part was not usable (another run, damaged, missing), if one was not
     setup: Optional[ClientSetup] = None  # split/sequential: per-client split points, ranks, aggregation
 
     @property
@@ -133,17 +139,39 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
     adapter_names = _check_stage(prep)
     _prepare_data(prep)
     if resume is not None:
-        directory = ckpt.resolve(resume, cfg.checkpoint.dir)
-        layout = (1, 0) if cfg.mode == "centralized" else (topology.clients, topology.server_stages)
-        ckpt.check_compatible(ckpt.read_meta(directory), cfg.to_dict(), *layout, directory)
-        prep.resume = ckpt.load_rank(directory, role.name)
-        if prep.resume.step >= prep.schedule.steps:
-            raise ConfigError(f"--resume: {directory} is at step {prep.resume.step}, the run ends at "
-                              f"{prep.schedule.steps}; raise train.max_steps to train further")
-        if adapter_names != set(prep.resume.adapters):
-            missing = sorted(adapter_names ^ set(prep.resume.adapters))[:3]
-            raise ConfigError(f"--resume: the checkpoint's {role.name} adapters do not match this stage ({missing})")
+        prep.resume_spec = resume
+        _find_resume_parts(prep, resume, adapter_names)
     return prep
+
+
+def _find_resume_parts(prep: Prepared, spec: str, adapter_names: set[str]) -> None:
+    """This rank's usable checkpoint parts (its marker, this run's config and layout, files that
+    load, adapters that fit its stage), newest first; the newest is loaded. A part that is not
+    usable is no error here: another host may lack a step too, so what is missing is decided
+    with every rank's list after init (hosts.agree), and reported the same way on every rank."""
+    cfg, role = prep.cfg, prep.role
+    layout = (1, 0) if cfg.mode == "centralized" else (prep.topology.clients, prep.topology.server_stages)
+    problems = []
+    candidates = ckpt.rank_candidates(spec, cfg.checkpoint.dir, role.name)
+    for directory in candidates:
+        try:
+            ckpt.check_compatible(ckpt.read_meta(directory, role.name), cfg.to_dict(), *layout, directory)
+            loaded = ckpt.load_rank(directory, role.name)
+            if adapter_names != set(loaded.adapters):
+                missing = sorted(adapter_names ^ set(loaded.adapters))[:3]
+                raise ConfigError(f"--resume: {directory}'s {role.name} adapters do not match this stage ({missing})")
+        except ConfigError as e:
+            problems.append(str(e).removeprefix("--resume: "))
+            continue
+        prep.resume_parts[loaded.step] = directory
+        if prep.resume is None:  # older parts were validated; loaded again if the ranks agree on one
+            prep.resume = loaded
+    if problems:
+        prep.resume_problem = problems[0]
+        print(f"[splitlora_ds] {role.name}: checkpoint part not usable: {problems[0]}", file=sys.stderr, flush=True)
+    elif not candidates:
+        where = cfg.checkpoint.dir if spec == "latest" else spec
+        prep.resume_problem = f"no {role.name} part (a {ckpt.PREFIX}N folder with {role.name}{ckpt.MARK}) in {where}"
 
 
 def _check_stage(prep: Prepared) -> set[str]:

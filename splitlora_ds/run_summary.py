@@ -76,11 +76,14 @@ class RunSummary:
         if device.type == "cuda":
             self.cuda_max_allocated_bytes = int(torch.cuda.max_memory_allocated(device))
 
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
     def write(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "summary.json")
         with open(path, "w") as f:
-            json.dump({k: v for k, v in asdict(self).items() if not k.startswith("_")}, f, indent=1)
+            json.dump(self.as_dict(), f, indent=1)
         return path
 
 

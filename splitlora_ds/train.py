@@ -55,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(prep)
+    except ConfigError as e:
+        # Input errors are raised before the first collective (prepare.py), except the host
+        # agreement's (hosts.py), where every rank decides alike from the same gathered data and
+        # so prints the same line. The process group may still wait on peers at teardown: leave
+        # at once. One write call: ranks sharing a console (one launcher per host) then cannot
+        # interleave their lines (print writes the text and the newline separately).
+        sys.stderr.flush()
+        os.write(2, f"splitlora_ds: error: {e}\n".encode())
+        os._exit(2)
     except PeerLost as e:
         layout = Topology(1, 0) if cfg.mode == "centralized" else prep.topology
         print(f"splitlora_ds: error: {e.describe(layout, prep.rank)}", file=sys.stderr, flush=True)

@@ -16,10 +16,13 @@ import torch.distributed as dist
 import yaml
 
 from . import checkpoint as ckpt
+from . import gather
+from . import hosts
 from .aggregation import sample_weights
 from .comm import P2P
 from .config import RunConfig
 from .ds_config import role_ds_config
+from .errors import ConfigError
 from .engine import Exchange, GradClip, Observer, StageRunner
 from .failures import PeerLost
 from .federation.secure import SecureAggregator
@@ -42,13 +45,14 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     std_logging.getLogger("DeepSpeed").setLevel(std_logging.WARNING)
     share_cpu_threads()
     init_distributed(cfg.dist.timeout_s, cfg.dist.backend)
+    device = select_device(prep.local_rank)  # before the first collective: nccl gathers objects on it
+    _agree_across_hosts(prep)
     timeout = timedelta(seconds=cfg.dist.timeout_s)
     layout = Topology(1, 0) if cfg.mode == "centralized" else topology
     setup = prep.setup
     schedule = prep.schedule
     groups = make_groups(layout, prep.rank, timeout, server_aggregates=setup is not None and setup.shared_blocks,
                          clip_sets=schedule.clip_rank_sets())
-    device = select_device(prep.local_rank)
     torch.manual_seed(cfg.train.seed + 100_003 * prep.rank)  # dropout differs per rank
 
     rss_before_model = current_rss_bytes()
@@ -168,6 +172,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     summary.bytes_sent, summary.bytes_received = p2p.bytes_sent, p2p.bytes_received
     summary.finish(device)
     summary.write(writer.path)
+    if cfg.log.gather:
+        _gather_summaries(prep, summary, main)
     if cfg.train.output_dir:
         path = save_adapters(stage, cfg.train.output_dir, role.name)
         if main:
@@ -224,6 +230,8 @@ def _exchange(prep: Prepared, stage, groups, sample_counts: list[int]) -> Option
 
 def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, sample_counts: list[int],
                      tracker: Optional[ImportanceTracker], privacy: Optional[ClientPrivacy]) -> str:
+    """Every rank writes its part and its marker under checkpoint.dir as resolved on its host,
+    then prunes its own old parts; no rank reads another's files (hosts need not share a disk)."""
     cfg = prep.cfg
     directory = ckpt.step_dir(cfg.checkpoint.dir, steps_done)
     scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else {}
@@ -231,20 +239,57 @@ def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, s
              "data": [s.state_dict() for s in prep.streams], "bytes": [p2p.bytes_sent, p2p.bytes_received, p2p.adapter_bytes_sent],
              "importance": tracker.state_dict() if tracker is not None else None,
              "privacy": privacy.state_dict() if privacy is not None else None}
-    ckpt.save_rank(directory, prep.role.name, stage.adapter_parameters(), state)
-    _barrier(prep, steps_done, "checkpoint")  # every rank's files are in place before the checkpoint is marked complete
-    if prep.rank == 0:
-        layout = Topology(1, 0) if cfg.mode == "centralized" else prep.topology
-        roles = (["centralized"] if cfg.mode == "centralized"
-                 else [layout.role_of(r).name for r in range(layout.world_size)])
-        ckpt.write_meta(directory, {"format": 1, "step": steps_done, "run_steps": prep.schedule.steps,
-                                    "config": cfg.to_dict(), "roles": roles,
-                                    "world": {"clients": layout.clients, "server_stages": layout.server_stages},
-                                    "sample_counts": sample_counts,
-                                    "setup": dataclasses.asdict(prep.setup) if prep.setup is not None else None})
-        ckpt.prune(cfg.checkpoint.dir, cfg.checkpoint.keep)
-    _barrier(prep, steps_done, "checkpoint")  # nobody races ahead into a checkpoint that is still being pruned
+    adapters = stage.adapter_parameters()
+    ckpt.save_rank(directory, prep.role.name, adapters, state)
+    layout = Topology(1, 0) if cfg.mode == "centralized" else prep.topology
+    roles = (["centralized"] if cfg.mode == "centralized"
+             else [layout.role_of(r).name for r in range(layout.world_size)])
+    config = cfg.to_dict()
+    meta = {"format": ckpt.FORMAT, "step": steps_done, "run_steps": prep.schedule.steps, "config": config,
+            "digest": ckpt.config_digest(config), "roles": roles,
+            "world": {"clients": layout.clients, "server_stages": layout.server_stages},
+            "sample_counts": sample_counts, "host": hosts.host_label(), "rank": prep.rank,
+            "setup": dataclasses.asdict(prep.setup) if prep.setup is not None else None}
+    if cfg.checkpoint.gather_adapters and steps_done == prep.schedule.steps and layout.server_stages:
+        counts = gather.client_adapters_to_server(prep, adapters, sample_counts, directory)
+        meta["sample_counts"] = counts or sample_counts
+    ckpt.write_marker(directory, prep.role.name, meta)
+    ckpt.prune(cfg.checkpoint.dir, prep.role.name, cfg.checkpoint.keep)
+    _barrier(prep, steps_done, "checkpoint")  # every part is marked before any rank moves on
     return str(directory)
+
+
+def _agree_across_hosts(prep: Prepared) -> None:
+    """One all_gather_object right after init: the same recipe everywhere, and at --resume the
+    newest step complete on every host (see hosts.py for why raising after it is safe)."""
+    config = prep.cfg.to_dict()
+    steps = tuple(sorted(prep.resume_parts, reverse=True))
+    report = hosts.RankReport(hosts.host_label(), prep.rank, prep.role.name,
+                              hosts.recipe_digest(config, prep.ds_config), steps, prep.resume_problem)
+    step = hosts.agree(report, resume=prep.resume_spec is not None)
+    if step is None:
+        return
+    if step >= prep.schedule.steps:
+        raise ConfigError(f"--resume: the newest checkpoint on every host is at step {step}, the run ends at "
+                          f"{prep.schedule.steps}; raise train.max_steps to train further")
+    if prep.resume.step != step:  # this rank has a newer part than some other host
+        prep.resume = ckpt.load_rank(prep.resume_parts[step], prep.role.name)
+
+
+def _gather_summaries(prep: Prepared, summary: RunSummary, main: bool) -> None:
+    """log.gather: every role's summary.json also on the main rank's host (the benchmark reads
+    them from one log.dir)."""
+    main_rank = _main_rank(prep)
+    gathered = gather.to_rank(summary.as_dict(), main_rank)
+    if main:
+        gather.write_summaries(prep.cfg.log.dir, gathered)
+
+
+def _main_rank(prep: Prepared) -> int:
+    cfg = prep.cfg
+    if cfg.mode in ("centralized", "fedlora"):
+        return 0
+    return prep.topology.world_size - 1  # the last server stage
 
 
 def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[ImportanceTracker],

@@ -31,11 +31,13 @@ def rank_env() -> dict:
     return env
 
 
-def launch(nprocs: int, args: list[str], script: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `deepspeed --num_gpus N` on splitlora_ds.train (or a script) with its own master port."""
+def launch(nprocs: int, args: list[str], script: str | None = None, timeout: float = 300,
+           cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `deepspeed --num_gpus N` on splitlora_ds.train (or a script) with its own master port
+    (in `cwd`, the project root unless given; `env`: rank_env() unless given)."""
     target = [script] if script else ["--module", "splitlora_ds.train"]
     cmd = [deepspeed_bin(), "--num_gpus", str(nprocs), "--master_port", str(free_port()), *target, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=rank_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=env or rank_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def run_single(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

@@ -9,11 +9,19 @@ from splitlora_ds import checkpoint as ckpt
 from splitlora_ds.errors import ConfigError
 
 
-def save(root, step, roles=("client0", "server0")):
+META = {"config": {"lora": {"rank": 4}}, "world": {"clients": 1, "server_stages": 1},
+        "roles": ["client0", "server0"]}
+
+
+def save(root, step, roles=("client0", "server0"), legacy=False):
+    """Each role's part and marker (format 2), or format 1's single meta.json after every part."""
     d = ckpt.step_dir(root, step)
     for r in roles:
         ckpt.save_rank(d, r, {"w": torch.full((2,), float(step))}, {"step": torch.tensor(step), "data": [{"epoch": 0}]})
-    ckpt.write_meta(d, {"step": step, "config": {"lora": {"rank": 4}}, "world": {"clients": 1, "server_stages": 1}})
+        if not legacy:
+            ckpt.write_marker(d, r, {"format": 2, "step": step, **META})
+    if legacy:
+        ckpt.write_meta(d, {"step": step, **META})
     return d
 
 
@@ -36,7 +44,7 @@ def test_interrupted_write_leaves_previous_checkpoint_loadable(tmp_path, monkeyp
     monkeypatch.setattr(ckpt, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, 4)
-    # The half-written step-4 has no meta.json: it is not a checkpoint, step 2 is the latest.
+    # The half-written step-4 has no marker: it is not a checkpoint, step 2 is the latest.
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000002"]
     assert ckpt.load_rank(ckpt.resolve("latest", str(tmp_path)), "server0").step == 2
 
@@ -44,8 +52,53 @@ def test_interrupted_write_leaves_previous_checkpoint_loadable(tmp_path, monkeyp
 def test_prune_keeps_the_newest(tmp_path):
     for s in (1, 2, 3, 4):
         save(tmp_path, s)
-    ckpt.prune(tmp_path, keep=2)
-    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+    # Each role prunes its own parts (hosts without a shared folder each prune theirs); a folder
+    # goes once no role's part is left in it.
+    ckpt.prune(tmp_path, "client0", keep=2)
+    assert [p.name for p in ckpt.rank_checkpoints(tmp_path, "client0")] == ["step-000003", "step-000004"]
+    assert [p.name for p in ckpt.rank_checkpoints(tmp_path, "server0")] == [f"step-00000{s}" for s in (1, 2, 3, 4)]
+    assert not (tmp_path / "step-000001" / "client0.safetensors").exists()
+    assert (tmp_path / "step-000001" / "server0.safetensors").exists()
+    ckpt.prune(tmp_path, "server0", keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000003", "step-000004"]
+
+
+def test_per_host_folders_and_pruning(tmp_path):
+    # Two hosts, no shared disk: each folder holds one role's parts and is complete for it only.
+    a, b = tmp_path / "host-a", tmp_path / "host-b"
+    for s in (1, 2, 3):
+        save(a, s, roles=("client0",))
+    for s in (2, 3):
+        save(b, s, roles=("server0",))
+    assert ckpt.complete_checkpoints(a) == [] and ckpt.complete_checkpoints(b) == []
+    assert [ckpt.step_of(p) for p in ckpt.rank_candidates(str(a), None, "client0")] == [3, 2, 1]
+    assert ckpt.rank_candidates(str(a), None, "server0") == []
+    ckpt.prune(a, "client0", keep=1)
+    assert [p.name for p in a.iterdir()] == ["step-000003"]
+    assert sorted(p.name for p in b.iterdir()) == ["step-000002", "step-000003"]
+
+
+def test_a_shared_folder_is_complete_when_every_role_marked(tmp_path):
+    d = save(tmp_path, 5, roles=("client0",))
+    assert ckpt.complete_checkpoints(tmp_path) == []
+    save(tmp_path, 5, roles=("server0",))
+    assert ckpt.complete_checkpoints(tmp_path) == [d]
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    d = save(tmp_path, 4, legacy=True)
+    assert not list(d.glob("*.done.json"))
+    assert ckpt.resolve("latest", str(tmp_path)) == d
+    assert [ckpt.step_of(p) for p in ckpt.rank_candidates(str(tmp_path), None, "server0")] == [4]
+    assert ckpt.load_rank(d, "server0").step == 4
+
+
+def test_config_digest_follows_the_trajectory_fields():
+    cfg = {"lora": {"rank": 4}, "train": {"seed": 1, "max_steps": 10}, "log": {"dir": "a"}}
+    same = {"lora": {"rank": 4}, "train": {"seed": 1, "max_steps": 20}, "log": {"dir": "b"}}
+    other = {"lora": {"rank": 8}, "train": {"seed": 1, "max_steps": 10}, "log": {"dir": "a"}}
+    assert ckpt.config_digest(cfg) == ckpt.config_digest(same)  # run length and logging may change
+    assert ckpt.config_digest(cfg) != ckpt.config_digest(other)
 
 
 def test_truncated_files_are_refused(tmp_path):
@@ -67,7 +120,7 @@ def test_other_config_or_layout_is_refused(tmp_path):
         ckpt.check_compatible(meta, {"lora": {"rank": 8}}, 1, 1, d)
     with pytest.raises(ConfigError, match="saved by 1 clients \\+ 1 server stages, this run has 2 \\+ 1"):
         ckpt.check_compatible(meta, {"lora": {"rank": 4}}, 2, 1, d)
-    with pytest.raises(ConfigError, match="has no client1.safetensors"):
+    with pytest.raises(ConfigError, match="has no client1 part"):
         ckpt.load_rank(d, "client1")
 
 
@@ -81,4 +134,4 @@ def test_no_checkpoint_to_resume(tmp_path):
 def test_state_files_load_with_weights_only(tmp_path):
     d = save(tmp_path, 1)
     torch.load(d / "client0.state.pt", weights_only=True)  # would raise on arbitrary pickles
-    assert json.loads((d / "meta.json").read_text())["step"] == 1
+    assert json.loads((d / "client0.done.json").read_text())["step"] == 1

@@ -94,3 +94,13 @@ def test_apply_override_creates_sections():
     raw = {}
     apply_override(raw, "a.b.c=[1, 2]")
     assert raw == {"a": {"b": {"c": [1, 2]}}}
+
+
+def test_gathering_adapters_needs_a_checkpoint_dir_and_a_server(tmp_path):
+    recipe = write(tmp_path, "train: {max_steps: 3}\ncheckpoint: {gather_adapters: true}\n")
+    with pytest.raises(ConfigError, match="checkpoint.gather_adapters: True is invalid; .*set checkpoint.dir"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match="checkpoint.gather_adapters: .*mode=fedlora has none"):
+        load_config(recipe, ["checkpoint.dir=ckpt", "mode=fedlora"])
+    cfg = load_config(recipe, ["checkpoint.dir=ckpt", "log.gather=true"])
+    assert cfg.checkpoint.gather_adapters and cfg.log.gather

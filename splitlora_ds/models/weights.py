@@ -1,4 +1,7 @@
-"""Fill one built layer from a pretrained HF checkpoint, reading only the tensors it needs."""
+"""Fill one built layer from a pretrained HF checkpoint, reading only the tensors it needs.
+
+From a hub id a rank downloads the index (or the single weights file) and then only the shard
+files that hold its own layers' tensors, never the whole repo."""
 
 from __future__ import annotations
 
@@ -18,45 +21,82 @@ SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 
-@functools.lru_cache(maxsize=8)
-def _download(source: str) -> str:
-    # Only reached for hub ids; cached so a stage with many layers asks the hub once.
-    from huggingface_hub import snapshot_download
+def _hub_file(source: str, filename: str) -> Path:
+    """One file of a hub repo, into the HF cache (FileNotFoundError when the repo has no such file)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        path = snapshot_download(source, allow_patterns=["*.json", "*.safetensors"])
-        if not any(Path(path).glob("*.safetensors")):  # .bin-only repo: fetch the fallback too
-            path = snapshot_download(source, allow_patterns=["*.json", "*.bin"])
+        return Path(hf_hub_download(source, filename))
+    except EntryNotFoundError as e:
+        if isinstance(e, LocalEntryNotFoundError):  # offline and not cached: not "no such file"
+            raise ConfigError(f"model.pretrained: {source!r} is no local directory and the hub is unreachable "
+                              f"({filename} is not cached): {e}") from e
+        raise FileNotFoundError(filename) from e
     except Exception as e:  # offline, unknown repo, gated, ...: all a user error here
-        raise ConfigError(f"model.pretrained: {source!r} is no local directory and the hub failed: {e}") from e
-    return path
+        raise ConfigError(f"model.pretrained: {source!r} is no local directory and the hub failed on "
+                          f"{filename}: {e}") from e
 
 
-def resolve_source(source: str) -> Path:
-    """Local directory as is; a hub id is downloaded (json + safetensors) into the HF cache."""
-    if os.path.isdir(source):
-        return Path(source)
-    if not looks_like_hub_id(source):
-        raise ConfigError(f"model.pretrained: no such directory {source!r}")
-    return Path(_download(source))
+@functools.lru_cache(maxsize=8)
+def _hub_weight_map(source: str) -> tuple[tuple[str, str], ...]:
+    """(checkpoint key, file name) pairs of a hub repo, from its index alone: a rank then fetches
+    only the shards holding its own layers, not every shard of the model. Without an index the single file is the whole model. Cached: a stage with
+    many layers asks the hub once."""
+    for index_name, single in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
+        try:
+            weight_map = json.loads(_hub_file(source, index_name).read_text())["weight_map"]
+            return tuple(sorted(weight_map.items()))
+        except FileNotFoundError:
+            pass
+        try:
+            path = _hub_file(source, single)
+        except FileNotFoundError:
+            continue
+        return tuple((k, single) for k in _file_keys(path))
+    raise ConfigError(f"model.pretrained: hub repo {source!r} has no {SAFE_INDEX}, {SAFE_SINGLE}, {BIN_INDEX} "
+                      f"or {BIN_SINGLE}")
 
 
-def _key_index(root: Path, source: str) -> dict[str, Path]:
-    """Checkpoint key -> file holding it (headers / index only, no tensor data)."""
-    if (root / SAFE_INDEX).is_file():
-        weight_map = json.loads((root / SAFE_INDEX).read_text())["weight_map"]
-        return {k: root / f for k, f in weight_map.items()}
-    if (root / SAFE_SINGLE).is_file():
-        with safe_open(str(root / SAFE_SINGLE), framework="pt") as f:
-            return {k: root / SAFE_SINGLE for k in f.keys()}
-    if (root / BIN_INDEX).is_file():
-        weight_map = json.loads((root / BIN_INDEX).read_text())["weight_map"]
-        return {k: root / f for k, f in weight_map.items()}
-    if (root / BIN_SINGLE).is_file():
-        return {k: root / BIN_SINGLE for k in _load_bin(root / BIN_SINGLE)}
+def shards_for(weight_map: dict[str, str], keys) -> list[str]:
+    """The files of `weight_map` (key -> file) that hold `keys`, each once, sorted."""
+    return sorted({weight_map[k] for k in keys if k in weight_map})
+
+
+def _file_keys(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    return list(_load_bin(path))
+
+
+def _key_index(source: str) -> dict[str, str]:
+    """Checkpoint key -> name of the file holding it (headers / index only, no tensor data)."""
+    if not os.path.isdir(source):
+        if not looks_like_hub_id(source):
+            raise ConfigError(f"model.pretrained: no such directory {source!r}")
+        return dict(_hub_weight_map(source))
+    root = Path(source)
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        if (root / index_name).is_file():
+            return json.loads((root / index_name).read_text())["weight_map"]
+    for single in (SAFE_SINGLE, BIN_SINGLE):
+        if (root / single).is_file():
+            return {k: single for k in _file_keys(root / single)}
     raise ConfigError(
         f"model.pretrained: no checkpoint in {str(root)!r} (expected {SAFE_SINGLE}, {SAFE_INDEX} or {BIN_SINGLE})"
     )
+
+
+def _file_path(source: str, name: str) -> Path:
+    """A file of the checkpoint on this disk: from the local directory, or fetched from the hub
+    (only the files a layer needs are ever asked for)."""
+    if os.path.isdir(source):
+        return Path(source) / name
+    try:
+        return _hub_file(source, name)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.pretrained: hub repo {source!r} lists {name} in its index but has no such file") from e
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -92,9 +132,8 @@ def check_layer_weights(layer: nn.Module, spec: LayerSpec, source: str) -> None:
 
 def _copy_plan(layer: nn.Module, spec: LayerSpec, source: str) -> dict[Path, list[tuple[str, str, torch.Tensor]]]:
     """{checkpoint file: [(layer tensor name, checkpoint key, layer tensor)]} for `layer`."""
-    root = resolve_source(source)
-    index = _key_index(root, source)
-    plan: dict[Path, list[tuple[str, str, torch.Tensor]]] = {}
+    index = _key_index(source)
+    plan: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
     for name, tensor, is_param in named_tensors(layer):
         candidates = spec.checkpoint_keys(strip_peft(name))
         key = next((k for k in candidates if k in index), None)
@@ -106,7 +145,7 @@ def _copy_plan(layer: nn.Module, spec: LayerSpec, source: str) -> dict[Path, lis
                 )
             continue
         plan.setdefault(index[key], []).append((name, key, tensor))
-    return plan
+    return {_file_path(source, name): items for name, items in plan.items()}
 
 
 def _check_shapes(items: list[tuple[str, str, torch.Tensor]], shape_of, source: str) -> None:
