@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import RunConfig
 from .errors import ConfigError
 
 META = "meta.json"  # format 1: the one marker of a whole checkpoint
@@ -45,7 +46,7 @@ FORMAT = 2
 # Fields that must match for a resume to continue the same trajectory (run length, logging,
 # evaluation and checkpointing may change).
 _MUST_MATCH = ("mode", "model", "lora", "split", "federation", "data", "train.batch_size", "train.seed",
-               "train.label_smoothing")
+               "train.label_smoothing", "train.clip_scope", "privacy")
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:
@@ -201,12 +202,25 @@ def check_compatible(meta: dict, config: dict, clients: int, server_stages: int,
     if (layout.get("clients"), layout.get("server_stages")) != (clients, server_stages):
         raise ConfigError(f"--resume: {directory} was saved by {layout.get('clients')} clients + "
                           f"{layout.get('server_stages')} server stages, this run has {clients} + {server_stages}")
-    saved = meta.get("config", {})
+    # A checkpoint written before a field existed ran with that field's default.
+    defaults = RunConfig().to_dict()
+    saved, config = _with_defaults(meta.get("config", {}), defaults), _with_defaults(config, defaults)
     for key in _MUST_MATCH:
         a, b = _get(saved, key), _get(config, key)
         if a != b:
             for sub, (x, y) in _diff(a, b, key):
                 raise ConfigError(f"--resume: {directory} has {sub}={x!r} but this run has {sub}={y!r}")
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` with every key it lacks taken from `defaults`, section by section."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict) and key != "config":
+            out[key] = _with_defaults(out[key], value)
+    return out
 
 
 def _get(d: dict, dotted: str) -> Any:

@@ -135,3 +135,16 @@ def test_state_files_load_with_weights_only(tmp_path):
     d = save(tmp_path, 1)
     torch.load(d / "client0.state.pt", weights_only=True)  # would raise on arbitrary pickles
     assert json.loads((d / "client0.done.json").read_text())["step"] == 1
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes_with_its_default(tmp_path):
+    from splitlora_ds.checkpoint import check_compatible
+    from splitlora_ds.config import RunConfig
+
+    current = RunConfig().to_dict()
+    old = RunConfig().to_dict()
+    del old["privacy"], old["train"]["clip_scope"], old["federation"]["secure_aggregation"]
+    check_compatible({"world": {"clients": 2, "server_stages": 1}, "config": old}, current, 2, 1, tmp_path)
+    current["federation"]["secure_aggregation"] = True  # a real change is still refused
+    with pytest.raises(ConfigError, match="federation.secure_aggregation=False but this run has"):
+        check_compatible({"world": {"clients": 2, "server_stages": 1}, "config": old}, current, 2, 1, tmp_path)
