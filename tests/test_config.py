@@ -67,6 +67,19 @@ def test_model_config_is_free_form_and_overridable(tmp_path):
     ("", ["lora.fused_qkv=[q, v]", "federation.budgets=[{flops: 1}, {flops: 2}]"],
      "cannot be combined with federation.budgets"),
     ("", ["train.clip_scope=server"], "train.clip_scope: 'server' is invalid; use global or role"),
+    # secure aggregation: FedAvg of equal clients only
+    ("", ["federation.secure_aggregation=true", "federation.clients=1"], "needs at least 2 clients"),
+    ("", ["federation.secure_aggregation=true", "mode=sequential"], "mode=sequential has no aggregation"),
+    ("", ["federation.secure_aggregation=true", "lora.rank=[2, 4]"], "supports FedAvg of equal client ranks"),
+    ("", ["federation.secure_aggregation=true", "federation.aggregation=stacked"], "supports FedAvg of equal"),
+    # differential privacy
+    ("", ["privacy.activation_noise=1.0"], "privacy.activation_noise: 1.0 is invalid; noise needs a sensitivity bound"),
+    ("", ["privacy.update_noise=1.0"], "set privacy.update_clip"),
+    ("", ["privacy.activation_clip=0"], "privacy.activation_clip: 0.0 is invalid"),
+    ("", ["privacy.update_clip=1.0", "federation.clients=1"], "at least 2 clients"),
+    ("", ["privacy.activation_clip=1.0", "mode=fedlora"], "not mode=fedlora"),
+    ("", ["privacy.update_clip=1.0", "lora.rank=[2, 4]"], "FedAvg of equal client ranks"),
+    ("", ["privacy.delta=1.5"], "privacy.delta: 1.5 is invalid"),
 ])
 def test_bad_recipes_name_the_field(tmp_path, text, overrides, needle):
     with pytest.raises(ConfigError) as e:
