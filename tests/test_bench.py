@@ -77,3 +77,30 @@ def test_a_mode_that_runs_past_the_timeout_is_reported_not_raised(tmp_path, caps
     assert main(["--recipe", str(recipe), "--out", str(out), "--modes", "centralized", "--timeout", "0.5"]) == 1
     assert "centralized failed (exit 124)" in capsys.readouterr().err
     assert "ran past --timeout 0.5 s" in (out / "centralized" / "log.txt").read_text()
+
+
+def test_client_traffic_comes_from_gathered_summaries_when_its_run_stayed_on_its_host(tmp_path):
+    """A multi-host run with log.gather: the main host has every role's summary.json but only its
+    own TensorBoard runs; the bytes curve then spreads each client's total evenly over the steps."""
+    import json as json_
+
+    from splitlora_ds.bench.runs import ModeRun, collect
+    from splitlora_ds.config import RunConfig
+    from splitlora_ds.logging import MetricsWriter
+
+    cfg = RunConfig()  # split, 2 clients, 1 server stage
+    log = tmp_path / "tb"
+    writer = MetricsWriter(str(log), "server0")
+    for step in range(4):
+        writer.scalars(step, {"time/step_s": 0.5, **({"eval/loss": 3.0 - step} if step % 2 else {})})
+    writer.close()
+    for role, sent in (("client0", 300), ("client1", 100), ("server0", 0)):
+        (log / role).mkdir(parents=True, exist_ok=True)
+        summary = {"steps": 4, "active_steps": 4, "train_seconds": 2.0, "compute_seconds": 1.0, "tokens": 80,
+                   "flops_per_step": 10, "positions": 40, "params": 5, "trainable_params": 2, "bytes_sent": sent,
+                   "bytes_received": sent, "peak_rss_bytes": 1, "rss_before_model_bytes": 1,
+                   "cuda_max_allocated_bytes": 0}
+        (log / role / "summary.json").write_text(json_.dumps(summary))
+    result = collect(cfg, ModeRun("split", str(log), command=[], wall_seconds=1.0))
+    assert [p["step"] for p in result.curve] == [2, 4]
+    assert [p["bytes"] for p in result.curve] == [400.0, 800.0]  # (600 + 200) bytes over 4 steps

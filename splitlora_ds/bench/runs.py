@@ -138,10 +138,8 @@ def collect(cfg: RunConfig, run: ModeRun) -> ModeResult:
         cumulative[step] = elapsed
     traffic: dict[int, float] = {}
     for r in clients:
-        d = os.path.join(run.log_dir, r)
-        for tag in ("comm/bytes_sent", "comm/bytes_received"):
-            for step, value in read_scalars(d, tag):
-                traffic[step] = traffic.get(step, 0.0) + value
+        for step, value in _client_traffic(os.path.join(run.log_dir, r), summaries[r], list(cumulative)):
+            traffic[step] = traffic.get(step, 0.0) + value
     curve = [{"step": step + 1, "round": (step + 1) / per_round, "seconds": cumulative[step],
               "bytes": traffic.get(step, 0.0), "loss": loss}
              for step, loss in read_scalars(main, "eval/loss")]
@@ -158,6 +156,18 @@ def collect(cfg: RunConfig, run: ModeRun) -> ModeResult:
         result.server = _server_figures([summaries[r] for r in servers], per_round)
     result.round_work = _round_work(cfg, result)
     return result
+
+
+def _client_traffic(run_dir: str, summary: dict, steps: list[int]) -> list[tuple[int, float]]:
+    """(step, bytes sent + received so far) of one client: from its TensorBoard run, or, when that
+    run stayed on the client's own host (multi-host runs gather only summaries, log.gather), from
+    its summary's totals spread evenly over the steps (an approximation the README states)."""
+    if os.path.isdir(run_dir) and any(f.name.startswith("events.") for f in os.scandir(run_dir)):
+        sent = dict(read_scalars(run_dir, "comm/bytes_sent"))
+        received = dict(read_scalars(run_dir, "comm/bytes_received"))
+        return [(step, sent[step] + received.get(step, 0.0)) for step in sent]
+    total = summary["bytes_sent"] + summary["bytes_received"]
+    return [(step, total * (i + 1) / len(steps)) for i, step in enumerate(steps)]
 
 
 def _client_figures(summaries: list[dict]) -> dict:
