@@ -47,6 +47,8 @@ FORMAT = 2
 # evaluation and checkpointing may change).
 _MUST_MATCH = ("mode", "model", "lora", "split", "federation", "data", "train.batch_size", "train.seed",
                "train.label_smoothing", "train.clip_scope", "privacy")
+# Fields inside those that change how a step is executed but not its math: free to differ.
+_MAY_DIFFER = ("split.micro_batches",)
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:
@@ -80,6 +82,7 @@ def write_marker(directory: Path, role_name: str, meta: dict) -> None:
 def config_digest(config: dict) -> str:
     """A digest of the fields that must match for a resume to continue the same trajectory."""
     fields = {key: _get(config, key) for key in _MUST_MATCH}
+    fields["split"] = {k: v for k, v in (fields["split"] or {}).items() if f"split.{k}" not in _MAY_DIFFER}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -209,6 +212,8 @@ def check_compatible(meta: dict, config: dict, clients: int, server_stages: int,
         a, b = _get(saved, key), _get(config, key)
         if a != b:
             for sub, (x, y) in _diff(a, b, key):
+                if sub in _MAY_DIFFER:
+                    continue
                 raise ConfigError(f"--resume: {directory} has {sub}={x!r} but this run has {sub}={y!r}")
 
 

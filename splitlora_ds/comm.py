@@ -22,7 +22,7 @@ from .failures import wait_each, wait_on
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64,
            torch.int64, torch.int32, torch.uint8, torch.bool]
 _CODE = {dt: i for i, dt in enumerate(_DTYPES)}
-MAX_TENSORS = 4
+MAX_TENSORS = 6
 MAX_DIMS = 4
 _SLOT = 2 + MAX_DIMS  # dtype code, ndim, dims...
 HEADER_LEN = 1 + MAX_TENSORS * _SLOT

@@ -21,6 +21,12 @@ from .errors import ConfigError
 MODES = ("split", "centralized", "fedlora", "sequential")
 AGGREGATIONS = ("auto", "fedavg", "stacked", "zero_pad")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+# split.micro_batches: measured on the E2E CPU recipe (README, "Pipeline"): M = 4 keeps clients and
+# server busy at once without micro-batches so small that per-instruction overheads dominate.
+DEFAULT_MICRO_BATCHES = 4
+# train.pack_length: a packed row's attention is dense over the row, so its cost per token grows
+# with the row's length; 1024 tokens keeps that below the padding it saves at GPT-2 widths.
+DEFAULT_PACK_LENGTH = 1024
 
 
 def _require(ok: bool, name: str, value: Any, rule: str) -> None:
@@ -92,8 +98,12 @@ class SplitConfig:
     server_stages: int = 1  # S: pipeline stages the server's layers are partitioned into
     partition_method: str = "uniform"  # how server blocks are spread over stages (DeepSpeed's names)
     wire_dtype: Optional[str] = None  # dtype of activations/gradients on the wire; None: as computed
+    # M: each step's batch runs as M micro-batches through a 1F1B pipeline (clients and server
+    # stages work at once); gradients accumulate, one optimizer step per step: the same math as 1.
+    micro_batches: int = DEFAULT_MICRO_BATCHES
 
     def __post_init__(self) -> None:
+        _require(self.micro_batches >= 1, "split.micro_batches", self.micro_batches, "must be >= 1")
         ks = self.client_layers if isinstance(self.client_layers, list) else [self.client_layers]
         _require(len(ks) > 0 and all(k >= 1 for k in ks), "split.client_layers", self.client_layers,
                  "each client needs at least one transformer block")
@@ -207,8 +217,14 @@ class TrainConfig:
     # together (as centralized LoRA clips all adapters by one norm; one scalar all-reduce per
     # step). role: each client and server stage clips by its own norm (no party shares a norm).
     clip_scope: str = "global"
+    # Pack the rows of a micro-batch into as few rows as fit `pack_length` tokens each (a
+    # block-diagonal causal mask keeps sequences apart) instead of padding them to the longest.
+    pack: bool = True
+    pack_length: Optional[int] = DEFAULT_PACK_LENGTH  # null: one packed row per micro-batch
 
     def __post_init__(self) -> None:
+        _require(self.pack_length is None or self.pack_length >= 1, "train.pack_length", self.pack_length,
+                 "must be >= 1 or null")
         _require(self.clip_scope in ("global", "role"), "train.clip_scope", self.clip_scope, "use global or role")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1")
         _require(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
@@ -338,8 +354,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", self.mode, f"use one of {', '.join(MODES)}")
         # Gathered adapters go into server0's last checkpoint: there must be both.
+        _require(self.train.batch_size >= self.split.micro_batches, "split.micro_batches", self.split.micro_batches,
+                 f"is more than train.batch_size ({self.train.batch_size}): a micro-batch needs at least one row")
         _require(not self.checkpoint.gather_adapters or self.checkpoint.dir is not None, "checkpoint.gather_adapters",
                  True, "writes into server0's checkpoint folder; set checkpoint.dir")
+        _require(self.train.batch_size >= self.split.micro_batches, "split.micro_batches", self.split.micro_batches,
+                 f"is more than train.batch_size ({self.train.batch_size}): a micro-batch needs at least one row")
         _require(not self.checkpoint.gather_adapters or self.mode in ("split", "sequential"),
                  "checkpoint.gather_adapters", True, f"needs a server to gather to; mode={self.mode} has none")
         _require(self.importance.replan_threshold is None or self.mode == "split", "importance.replan_threshold",

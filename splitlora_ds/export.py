@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from .aggregation import fedavg, sample_weights
 from .config import RunConfig, from_dict
 from .data import load_tokenizer
-from .schedule import is_aggregation_step
+from .runtime.schedules import is_aggregation_step
 from .errors import ConfigError
 from .hetero.aggregation import aggregate_state_dicts, factor_names
 from .hetero.exchange import participant_weights

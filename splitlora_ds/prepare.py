@@ -26,7 +26,8 @@ from .hetero.setup import ClientSetup, resolve_setup
 from .models import get_family
 from .models.lora import target_modules_in_family
 from .models.weights import check_layer_weights
-from .schedule import Schedule
+from .modes import Mode, get_mode
+from .runtime.schedules import Schedule
 from .partition import SplitPlan, StagePlan, centralized_plan, make_split_plan
 from .stage import build_stage
 from .topology import Role, Topology, env_world
@@ -62,10 +63,14 @@ class Prepared:
     setup: Optional[ClientSetup] = None  # split/sequential: per-client split points, ranks, aggregation
 
     @property
+    def mode(self) -> Mode:
+        return get_mode(self.cfg.mode, self.topology.clients, self.topology.server_stages)
+
+    @property
     def schedule(self) -> Schedule:
-        return Schedule(self.cfg.mode, self.topology, self.cfg.federation.aggregate_every, self.max_steps,
-                        server_aggregates=self.setup is not None and self.setup.shared_blocks,
-                        clip_global=self.clip_global)
+        return self.mode.schedule(self.cfg.federation.aggregate_every, self.max_steps, self.cfg.split.micro_batches,
+                                  server_aggregates=self.setup is not None and self.setup.shared_blocks,
+                                  clip_global=self.clip_global)
 
     @property
     def clip_global(self) -> bool:
@@ -150,7 +155,7 @@ def _find_resume_parts(prep: Prepared, spec: str, adapter_names: set[str]) -> No
     usable is no error here: another host may lack a step too, so what is missing is decided
     with every rank's list after init (hosts.agree), and reported the same way on every rank."""
     cfg, role = prep.cfg, prep.role
-    layout = (1, 0) if cfg.mode == "centralized" else (prep.topology.clients, prep.topology.server_stages)
+    layout = (prep.mode.layout.clients, prep.mode.layout.server_stages)
     problems = []
     candidates = ckpt.rank_candidates(spec, cfg.checkpoint.dir, role.name)
     for directory in candidates:

@@ -35,7 +35,8 @@ class RunSummary:
     eval_seconds: float = 0.0
     tokens: int = 0  # training tokens scored (ranks that compute the loss)
     flops_per_step: int = 0  # forward + backward FLOPs of a mean active step
-    positions: int = 0  # padded positions (rows x length) run forward over all steps
+    positions: int = 0  # positions (rows x packed or padded length) run forward over all steps
+    real_tokens: int = 0  # of `positions`, the real ones (the rest is padding)
     params: int = 0
     trainable_params: int = 0
     bytes_sent: int = 0
@@ -49,13 +50,15 @@ class RunSummary:
 
     _flops_per_position: float = field(default=0.0, repr=False)
 
-    def add_step(self, seconds: float, compute_seconds: float, tokens: int, positions: int) -> None:
+    def add_step(self, seconds: float, compute_seconds: float, tokens: int, positions: int,
+                 real_tokens: int = 0) -> None:
         self.steps += 1
         self.active_steps += positions > 0
         self.train_seconds += seconds
         self.compute_seconds += compute_seconds
         self.tokens += tokens
         self.positions += positions
+        self.real_tokens += real_tokens
 
     def count_flops(self, step: Callable[[], T]) -> T:
         """Run `step` (returning StepStats), counting FLOPs until one step has computed something."""

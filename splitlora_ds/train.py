@@ -13,7 +13,6 @@ import sys
 from .config import load_config
 from .errors import ConfigError
 from .failures import EXIT_PEER_LOST, PeerLost
-from .topology import Topology
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         os.write(2, f"splitlora_ds: error: {e}\n".encode())
         os._exit(2)
     except PeerLost as e:
-        layout = Topology(1, 0) if cfg.mode == "centralized" else prep.topology
+        layout = prep.mode.layout
         print(f"splitlora_ds: error: {e.describe(layout, prep.rank)}", file=sys.stderr, flush=True)
         # The process group cannot shut down cleanly with a peer gone (its teardown may wait on
         # it): leave at once, with the one line above as the only report.

@@ -18,19 +18,20 @@ import yaml
 from . import checkpoint as ckpt
 from . import gather
 from . import hosts
-from .aggregation import sample_weights
 from .comm import P2P
 from .config import RunConfig
 from .ds_config import role_ds_config
 from .errors import ConfigError
-from .engine import Exchange, GradClip, Observer, StageRunner
+from .federation.build import build_aggregator
+from .federation.exchange import LowRankSetup
+from .federation.strategy import Aggregator
+from .federation.fedavg import sample_weights
+from .runtime.executor import Executor, GradClip, Hetero, Observer, Packing, RoleParts
 from .failures import PeerLost
-from .federation.secure import SecureAggregator
 from .privacy.dp import ClientPrivacy
-from .hetero.exchange import layer_of, lora_modules, participant_weights
 from .hetero.importance import ImportanceTracker, replan_, resizable, resize_
-from .schedule import is_aggregation_step
-from .logging import MetricsWriter, Progress
+from .runtime.schedules import is_aggregation_step
+from .metrics import MetricsWriter, Progress
 from .plan_report import setup_report
 from .prepare import Prepared
 from .run_summary import RunSummary, current_rss_bytes
@@ -48,7 +49,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     device = select_device(prep.local_rank)  # before the first collective: nccl gathers objects on it
     _agree_across_hosts(prep)
     timeout = timedelta(seconds=cfg.dist.timeout_s)
-    layout = Topology(1, 0) if cfg.mode == "centralized" else topology
+    mode = prep.mode
+    layout = mode.layout
     setup = prep.setup
     schedule = prep.schedule
     groups = make_groups(layout, prep.rank, timeout, server_aggregates=setup is not None and setup.shared_blocks,
@@ -58,8 +60,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     rss_before_model = current_rss_bytes()
     stage = build_stage(prep.family, prep.hf_config, prep.stage_plan, cfg.lora, cfg.train.seed,
                         cfg.model.pretrained, rank=prep.lora_rank).to(device)
-    # The server batches every client's activations, except in sequential mode (one at a time).
-    serves_all = role.kind == "centralized" or (role.is_server and cfg.mode != "sequential")
+    # The server packs every client's activations, except in sequential mode (one at a time).
+    serves_all = role.kind == "centralized" or (role.is_server and mode.serves_all_clients)
     micro = cfg.train.batch_size * (topology.clients if serves_all else 1)
     # LR schedules span the optimizer steps this role takes: a sequential server steps for every
     # client's turn, each client only for its own.
@@ -81,26 +83,27 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
 
     wire = _DTYPES[cfg.split.wire_dtype] if cfg.split.wire_dtype else None
     p2p = P2P(device, wire, staging)
-    entry_layers = list(prep.plan.entry_layers) if setup is not None and setup.shared_blocks else None
     tracker = ImportanceTracker(cfg.importance.beta) if cfg.importance.enabled else None
     replans = cfg.importance.replan_threshold is not None  # bf16 refused in prepare: torch optimizer here
-    secure = None
-    if cfg.federation.secure_aggregation and role.is_client:
-        secure = SecureAggregator(role.index, groups.clients, topology.clients)  # key agreement: once per run
-        p2p.bytes_sent += secure.key_bytes // topology.clients
-        p2p.bytes_received += secure.key_bytes
     privacy = None
     if role.is_client and (cfg.privacy.activation_clip is not None or cfg.privacy.update_clip is not None):
         privacy = ClientPrivacy(cfg.privacy, cfg.train.batch_size / prep.num_samples, topology.clients,
                                 max(client_weights))
-    runner = StageRunner(role, schedule, stage, engine, p2p, groups, prep.batches, weight, observers,
-                         cfg.train.label_smoothing, entry_layers, _exchange(prep, stage, groups, sample_counts),
-                         tracker, client_weights, clip, secure, privacy)
+    aggregator = _aggregator(prep, stage, groups, client_weights, staging, privacy)
+    if aggregator is not None:  # secure aggregation's key agreement, once per run
+        p2p.bytes_sent += aggregator.setup_bytes[0]
+        p2p.bytes_received += aggregator.setup_bytes[1]
+    hetero = None
+    if setup is not None and setup.shared_blocks and role.is_server and role.index == 0:
+        hetero = Hetero(list(prep.plan.entry_layers), client_weights)
+    runner = Executor(RoleParts(
+        role, mode, schedule, stage, engine, p2p, groups, clients=cfg.federation.clients, batches=prep.batches,
+        packing=Packing(cfg.train.pack, cfg.train.pack_length), label_smoothing=cfg.train.label_smoothing,
+        aggregator=aggregator, hetero=hetero, clip=clip, importance=tracker, privacy=privacy, observers=observers))
     start = _restore(prep, stage, engine, p2p, tracker, privacy) if prep.resume else 0
     if privacy is not None:
         privacy.remember_start(list(runner.masters.values()))
-    main = (role.kind == "centralized" or (role.is_server and role.index == topology.server_stages - 1)
-            or (cfg.mode == "fedlora" and prep.rank == 0))
+    main = prep.rank == mode.main_rank
     # purge_step: a resumed run replaces whatever the first run logged after its checkpoint.
     writer = MetricsWriter(cfg.log.dir, role.name, purge_step=start if start else None)
     if main:
@@ -125,7 +128,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     for step in range(start, max_steps):
         stats = summary.count_flops(lambda: runner.train_step(step))
         summary.add_step(stats.seconds, stats.compute_seconds, stats.tokens if stats.loss is not None else 0,
-                         stats.positions)
+                         stats.positions, stats.real_tokens)
         values = {"time/step_s": stats.seconds, "time/compute_s": stats.compute_seconds, "train/lr": stats.lr,
                   "comm/bytes_sent": p2p.bytes_sent, "comm/bytes_received": p2p.bytes_received}
         if role.is_client:
@@ -214,18 +217,16 @@ def _sample_counts(prep: Prepared, groups, staging: torch.device) -> list[int]:
     return [int(c) for c in counts.tolist()]
 
 
-def _exchange(prep: Prepared, stage, groups, sample_counts: list[int]) -> Optional[Exchange]:
-    """This rank's part in heterogeneous aggregation, or None (FedAvg all-reduce, or no part)."""
-    setup = prep.setup
-    if setup is None or not setup.exchanges or groups.aggregation is None or prep.topology.clients < 2:
-        return None
-    modules = set(lora_modules(stage))
-    client = prep.role.index if prep.role.is_client else None
-    if client is None:  # server stage 0 takes part for its shared blocks only
-        shared = prep.plan.shared_layers
-        modules = {m for m in modules if layer_of(m) in shared}
-    weights = participant_weights(modules, client, sample_weights(sample_counts), list(prep.plan.entry_layers))
-    return Exchange(modules, weights, setup.aggregation, groups.aggregation)
+def _aggregator(prep: Prepared, stage, groups, client_weights: list[float], staging: torch.device,
+                privacy: Optional[ClientPrivacy]) -> Optional[Aggregator]:
+    """This rank's aggregation strategy (federation/), or None where it never aggregates."""
+    setup, cfg = prep.setup, prep.cfg
+    lowrank = None
+    if setup is not None and setup.exchanges:
+        lowrank = LowRankSetup(setup.aggregation, tuple(prep.plan.entry_layers), prep.plan.shared_layers)
+    return build_aggregator(prep.role, prep.topology.clients, groups, stage, client_weights, staging,
+                            averages=cfg.mode in ("split", "fedlora"), lowrank=lowrank,
+                            secure=cfg.federation.secure_aggregation, privacy=privacy)
 
 
 def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, sample_counts: list[int],
@@ -241,9 +242,8 @@ def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, s
              "privacy": privacy.state_dict() if privacy is not None else None}
     adapters = stage.adapter_parameters()
     ckpt.save_rank(directory, prep.role.name, adapters, state)
-    layout = Topology(1, 0) if cfg.mode == "centralized" else prep.topology
-    roles = (["centralized"] if cfg.mode == "centralized"
-             else [layout.role_of(r).name for r in range(layout.world_size)])
+    layout = prep.mode.layout
+    roles = [prep.mode.role_of(r).name for r in range(layout.world_size)]
     config = cfg.to_dict()
     meta = {"format": ckpt.FORMAT, "step": steps_done, "run_steps": prep.schedule.steps, "config": config,
             "digest": ckpt.config_digest(config), "roles": roles,
@@ -279,17 +279,10 @@ def _agree_across_hosts(prep: Prepared) -> None:
 def _gather_summaries(prep: Prepared, summary: RunSummary, main: bool) -> None:
     """log.gather: every role's summary.json also on the main rank's host (the benchmark reads
     them from one log.dir)."""
-    main_rank = _main_rank(prep)
+    main_rank = prep.mode.main_rank
     gathered = gather.to_rank(summary.as_dict(), main_rank)
     if main:
         gather.write_summaries(prep.cfg.log.dir, gathered)
-
-
-def _main_rank(prep: Prepared) -> int:
-    cfg = prep.cfg
-    if cfg.mode in ("centralized", "fedlora"):
-        return 0
-    return prep.topology.world_size - 1  # the last server stage
 
 
 def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[ImportanceTracker],

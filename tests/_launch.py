@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from splitlora_ds.bench.runs import free_port
-from splitlora_ds.logging import read_scalars
+from splitlora_ds.metrics import read_scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -86,7 +86,7 @@ def test_client_traffic_comes_from_gathered_summaries_when_its_run_stayed_on_its
 
     from splitlora_ds.bench.runs import ModeRun, collect
     from splitlora_ds.config import RunConfig
-    from splitlora_ds.logging import MetricsWriter
+    from splitlora_ds.metrics import MetricsWriter
 
     cfg = RunConfig()  # split, 2 clients, 1 server stage
     log = tmp_path / "tb"

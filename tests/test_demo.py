@@ -3,7 +3,7 @@
 import pytest
 
 from _launch import ROOT, check, launch
-from splitlora_ds.logging import read_scalars
+from splitlora_ds.metrics import read_scalars
 
 pytestmark = pytest.mark.launcher
 

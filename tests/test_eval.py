@@ -8,7 +8,7 @@ from _launch import check, launch, write_recipe
 from splitlora_ds.config import load_config
 from splitlora_ds.data import load_tokenizer
 from splitlora_ds.data.build import plan_data, tokenize_client
-from splitlora_ds.logging import read_scalars
+from splitlora_ds.metrics import read_scalars
 
 pytestmark = pytest.mark.launcher
 

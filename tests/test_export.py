@@ -13,7 +13,7 @@ from splitlora_ds.config import load_config
 from splitlora_ds.data import collate, load_tokenizer
 from splitlora_ds.data.build import plan_data, tokenize_client
 from splitlora_ds.export import main as export_main
-from splitlora_ds.logging import read_scalars
+from splitlora_ds.metrics import read_scalars
 
 pytestmark = pytest.mark.launcher
 

@@ -4,7 +4,7 @@ import pytest
 from safetensors.torch import load_file
 
 from _launch import check, launch, run_single, write_recipe
-from splitlora_ds.logging import read_scalars
+from splitlora_ds.metrics import read_scalars
 from splitlora_ds.train import main
 
 pytestmark = pytest.mark.launcher

@@ -5,11 +5,13 @@ import torch
 from torch import nn
 
 from _ranks import run_ranks
-from splitlora_ds import schedule as S
 from splitlora_ds.comm import P2P
-from splitlora_ds.engine import StageRunner, StepStats
+from splitlora_ds.federation.fedavg import FedAvg
 from splitlora_ds.masters import adapter_masters
-from splitlora_ds.topology import Groups, SingleRankMPU, Topology
+from splitlora_ds.modes import Split
+from splitlora_ds.runtime import instructions as S
+from splitlora_ds.runtime.executor import Executor, RoleParts
+from splitlora_ds.topology import Groups, SingleRankMPU
 
 TINY = 2.0 ** -12  # below bf16's resolution at 1.0 (2**-7): lost by any bf16 rounding
 
@@ -31,11 +33,10 @@ def _runner(rank, ds_config):
     stage = Adapters()
     engine, *_ = deepspeed.initialize(model=stage, model_parameters=list(stage.parameters()), config=ds_config,
                                       mpu=SingleRankMPU(own, rank))
-    schedule = S.Schedule("split", Topology(2, 1), 1, 1)
-    runner = StageRunner(Topology(2, 1).role_of(rank), schedule, stage, engine, P2P(torch.device("cpu")),
-                         Groups(dist.group.WORLD, own), fedavg_weight=0.5)
-    runner.stats = StepStats(0)
-    return runner
+    mode = Split(2, 1)
+    groups = Groups(dist.group.WORLD, own)
+    return Executor(RoleParts(mode.role_of(rank), mode, mode.schedule(1, 1), stage, engine, P2P(torch.device("cpu")),
+                              groups, clients=2, aggregator=FedAvg(0.5, groups.clients, torch.device("cpu"))))
 
 
 BF16 = {"train_batch_size": 1, "bf16": {"enabled": True},

@@ -26,7 +26,7 @@ from _launch import ROOT, check, deepspeed_bin, free_port, launch, rank_env, tin
 from splitlora_ds import hosts
 from splitlora_ds.errors import ConfigError
 from splitlora_ds.export import main as export_main
-from splitlora_ds.logging import read_scalars
+from splitlora_ds.metrics import read_scalars
 
 HOST_SH = str(ROOT / "launch" / "host.sh")
 TIMEOUT_S = 60  # generous: under CI load the two hosts start and load checkpoints at different speeds

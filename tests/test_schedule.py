@@ -1,115 +1,183 @@
-"""Instruction lists per role, checked without processes."""
+"""Instruction lists per role, checked without processes: exact lists for small cases, and a
+simulated run of every rank's list (sends never block, receives and collectives do) that must
+finish with every message received into the buffer it was sent from."""
 
-from splitlora_ds import schedule as S
+from collections import defaultdict, deque
+
+import pytest
+
+from splitlora_ds.modes import get_mode
+from splitlora_ds.runtime import instructions as S
+from splitlora_ds.runtime.schedules import SequentialSchedule, SplitSchedule, one_f_one_b
 from splitlora_ds.topology import Topology
 
 
-def test_client_step_and_aggregation_cadence():
-    topo = Topology(clients=2, server_stages=1)
-    base = [S.LoadBatch(), S.Forward(), S.SendActivations(2), S.RecvGrads(2), S.Backward(), S.OptimizerStep()]
-    assert S.client_step(topo, step=0, aggregate_every=2) == base
-    assert S.client_step(topo, step=1, aggregate_every=2) == base + [S.AverageAdapters()]
-    averaged = [s for s in range(10) if S.AverageAdapters() in S.client_step(topo, s, 3)]
-    assert averaged == [2, 5, 8]
-    # A run of 10 steps also averages after its last step: it ends with one global model.
-    averaged = [s for s in range(10) if S.AverageAdapters() in S.client_step(topo, s, 3, max_steps=10)]
-    assert averaged == [2, 5, 8, 9]
+def _schedule(mode, clients, stages, aggregate_every=2, max_steps=3, micro_batches=1, **kw):
+    return get_mode(mode, clients, stages).schedule(aggregate_every, max_steps, micro_batches, **kw)
 
 
-def test_single_client_never_averages():
-    topo = Topology(clients=1, server_stages=1)
-    assert S.AverageAdapters() not in S.client_step(topo, step=0, aggregate_every=1)
+# ---------------------------------------------------------------------------- simulation
+_COLLECTIVES = (S.ClipGradients, S.AverageAdapters, S.ReduceLossStats, S.ShareAdapters, S.TurnBarrier)
 
 
-def test_server_first_stage_batches_all_clients_and_last_stage_computes_loss():
-    topo = Topology(clients=3, server_stages=2)
-    first = S.server_step(topo, stage=0)
-    last = S.server_step(topo, stage=1)
-    assert first == [S.RecvActivations((0, 1, 2)), S.Forward(), S.SendActivations(4), S.RecvGrads(4),
-                     S.Backward(), S.SendGrads((0, 1, 2)), S.OptimizerStep()]
-    assert last == [S.RecvActivations((3,)), S.Forward(), S.ComputeLoss(), S.Backward(),
-                    S.SendGrads((3,)), S.OptimizerStep()]
+def _simulate(schedule, step):
+    """Run every rank's list for `step`; fail on a deadlock, a message received into another
+    buffer than it was sent from, a rank talking to itself, or a message left unreceived."""
+    topo = schedule.topology
+    lists = {r: schedule.train(topo.role_of(r), step) for r in range(topo.world_size)}
+    pos = {r: 0 for r in lists}
+    channels = defaultdict(deque)  # (src, dst, kind) -> buffer ids in flight
+
+    def members(ins, rank):
+        return {rank, *schedule.peers(ins, rank)}
+
+    while any(pos[r] < len(lists[r]) for r in lists):
+        progressed = False
+        for r, ins_list in lists.items():
+            while pos[r] < len(ins_list):
+                ins = ins_list[pos[r]]
+                assert r not in schedule.peers(ins, r), f"rank {r} waits on itself: {ins}"
+                if isinstance(ins, S.SendActivations):
+                    channels[(r, ins.dst, "act")].append(ins.buffer)
+                elif isinstance(ins, S.SendGrads):
+                    for dst in ins.dsts:
+                        channels[(r, dst, "grad")].append(ins.buffer)
+                elif isinstance(ins, S.SendAdapters):
+                    channels[(r, ins.dst, "adapters")].append(None)
+                elif isinstance(ins, (S.RecvActivations, S.RecvGrads, S.RecvAdapters)):
+                    kind, srcs = {S.RecvActivations: ("act", getattr(ins, "srcs", ())),
+                                  S.RecvGrads: ("grad", (getattr(ins, "src", None),)),
+                                  S.RecvAdapters: ("adapters", (getattr(ins, "src", None),))}[type(ins)]
+                    if not all(channels[(src, r, kind)] for src in srcs):
+                        break  # blocked
+                    for src in srcs:
+                        got = channels[(src, r, kind)].popleft()
+                        assert got == getattr(ins, "buffer", None), f"rank {r}: {ins} received buffer {got}"
+                elif isinstance(ins, _COLLECTIVES):
+                    group = members(ins, r)
+                    if not all(pos[m] < len(lists[m]) and lists[m][pos[m]] == ins for m in group):
+                        break  # waits for the others to arrive
+                    for m in group - {r}:
+                        pos[m] += 1
+                pos[r] += 1
+                progressed = True
+        assert progressed, f"deadlock at step {step}: " + str({r: lists[r][pos[r]] for r in lists if pos[r] < len(lists[r])})
+    assert not any(channels.values()), f"unreceived: {dict(channels)}"
+    return lists
 
 
-def test_sends_and_receives_pair_up():
-    """Every SendX(dst) on rank r has a matching RecvX with src r on rank dst."""
-    topo = Topology(clients=3, server_stages=3)
-    for mode in ("split", "sequential"):
-        schedule = S.Schedule(mode, topo, aggregate_every=2, max_steps=3)
-        for step in range(schedule.steps):
-            lists = {r: schedule.train(topo.role_of(r), step) for r in range(topo.world_size)}
-            _assert_paired(lists)
+@pytest.mark.parametrize("mode", ["split", "sequential"])
+def test_every_send_is_received_into_its_buffer_and_nothing_deadlocks(mode):
+    """C in 1..4, S in 1..3, M in 1..8, with global clipping and aggregation steps."""
+    for clients in range(1, 5):
+        for stages in range(1, 4):
+            for m in range(1, 9):
+                schedule = _schedule(mode, clients, stages, micro_batches=m, clip_global=True,
+                                     server_aggregates=clients > 1)
+                for step in range(schedule.steps):
+                    lists = _simulate(schedule, step)
+                    trains = [r for r, ins in lists.items() if S.OptimizerStep() in ins]
+                    forwards = {r: sorted(i.buffer for i in lists[r] if isinstance(i, S.Forward)) for r in trains}
+                    assert all(f == list(range(m)) for f in forwards.values()), (clients, stages, m, forwards)
 
 
-def _assert_paired(lists: dict[int, list]) -> None:
-    for r, ins in lists.items():
-        for i in ins:
-            if isinstance(i, S.SendActivations):
-                assert any(isinstance(j, S.RecvActivations) and r in j.srcs for j in lists[i.dst])
-            if isinstance(i, S.SendGrads):
-                for dst in i.dsts:
-                    assert S.RecvGrads(r) in lists[dst]
-            if isinstance(i, S.SendAdapters):
-                assert S.RecvAdapters(r) in lists[i.dst]
-            if isinstance(i, S.RecvAdapters):
-                assert S.SendAdapters(r) in lists[i.src]
+def test_fedlora_step_simulates():
+    schedule = _schedule("fedlora", 3, 0, micro_batches=2, clip_global=True)
+    for step in range(schedule.steps):
+        _simulate(schedule, step)
 
 
-def test_role_names():
-    topo = Topology(clients=2, server_stages=2)
-    assert [topo.role_of(r).name for r in range(4)] == ["client0", "client1", "server0", "server1"]
+# ---------------------------------------------------------------------------- exact lists
+def test_one_f_one_b_order_matches_deepspeed_train_schedule():
+    f, b = (lambda m: [("F", m)]), (lambda m: [("B", m)])
+    # depth 3, M 4: the first position warms up with 2 forwards, the last alternates at once
+    assert one_f_one_b(0, 3, 4, f, b) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)]
+    assert one_f_one_b(2, 3, 4, f, b) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2), ("F", 3), ("B", 3)]
+    assert one_f_one_b(0, 3, 1, f, b) == [("F", 0), ("B", 0)]  # fewer micro-batches than the warm-up
+
+
+def test_client_and_server_lists_with_micro_batches():
+    schedule = _schedule("split", 2, 1, aggregate_every=1, max_steps=2, micro_batches=2)
+    client, server = schedule.train(schedule.topology.role_of(0), 0), schedule.train(schedule.topology.role_of(2), 0)
+    assert client == [S.LoadBatch(), S.Forward(0), S.SendActivations(0, 2), S.Forward(1), S.SendActivations(1, 2),
+                      S.RecvGrads(0, 2), S.Backward(0), S.RecvGrads(1, 2), S.Backward(1), S.OptimizerStep(),
+                      S.AverageAdapters()]
+    assert server == [S.RecvActivations(0, (0, 1)), S.Forward(0), S.ComputeLoss(0), S.Backward(0), S.SendGrads(0, (0, 1)),
+                      S.RecvActivations(1, (0, 1)), S.Forward(1), S.ComputeLoss(1), S.Backward(1), S.SendGrads(1, (0, 1)),
+                      S.OptimizerStep()]
+
+
+def test_first_server_stage_forwards_and_last_computes_loss():
+    schedule = _schedule("split", 3, 2, micro_batches=1)
+    topo = schedule.topology
+    assert schedule.train(topo.role_of(3), 0) == [S.RecvActivations(0, (0, 1, 2)), S.Forward(0), S.SendActivations(0, 4),
+                                                  S.RecvGrads(0, 4), S.Backward(0), S.SendGrads(0, (0, 1, 2)),
+                                                  S.OptimizerStep()]
+    assert schedule.train(topo.role_of(4), 0) == [S.RecvActivations(0, (3,)), S.Forward(0), S.ComputeLoss(0),
+                                                  S.Backward(0), S.SendGrads(0, (3,)), S.OptimizerStep()]
+
+
+def test_aggregation_cadence_and_single_client():
+    schedule = _schedule("split", 2, 1, aggregate_every=3, max_steps=10)
+    averaged = [s for s in range(10) if S.AverageAdapters() in schedule.train(schedule.topology.role_of(0), s)]
+    assert averaged == [2, 5, 8, 9]  # every 3rd step and the last: the run ends with one global model
+    one = _schedule("split", 1, 1, aggregate_every=1)
+    assert S.AverageAdapters() not in one.train(one.topology.role_of(0), 0)
 
 
 def test_fedlora_clients_run_the_whole_model_locally():
-    topo = Topology(clients=2, server_stages=0)
-    schedule = S.Schedule("fedlora", topo, aggregate_every=2, max_steps=3)
-    steps = [schedule.train(topo.role_of(0), s) for s in range(3)]
-    local = [S.LoadBatch(), S.Forward(), S.ComputeLoss(), S.Backward(), S.OptimizerStep(), S.ReduceLossStats()]
+    schedule = _schedule("fedlora", 2, 0, aggregate_every=2, max_steps=3, micro_batches=2)
+    steps = [schedule.train(schedule.topology.role_of(0), s) for s in range(3)]
+    local = [S.LoadBatch(), S.Forward(0), S.ComputeLoss(0), S.Backward(0), S.Forward(1), S.ComputeLoss(1),
+             S.Backward(1), S.OptimizerStep(), S.ReduceLossStats()]
     assert steps[0] == local
     assert steps[1] == steps[2] == local + [S.AverageAdapters()]  # every 2nd step, and the last
-    assert not any(isinstance(i, (S.SendActivations, S.RecvGrads)) for i in sum(steps, []))
-    assert schedule.eval(topo.role_of(1)) == [S.LoadEvalBatch(), S.Forward(), S.ComputeLoss()]
+    assert schedule.eval(schedule.topology.role_of(1)) == [S.LoadEvalBatch(), S.Forward(0), S.ComputeLoss(0)]
+
+
+def test_centralized_step_never_clips_by_instruction():
+    schedule = _schedule("centralized", 2, 1, clip_global=True)
+    assert schedule.train(schedule.topology.role_of(0), 0) == [S.LoadBatch(), S.Forward(0), S.ComputeLoss(0),
+                                                               S.Backward(0), S.OptimizerStep()]
+    assert schedule.clip_rank_sets() == []
 
 
 def test_sequential_clients_take_turns_and_hand_over_their_adapters():
-    topo = Topology(clients=3, server_stages=1)
-    schedule = S.Schedule("sequential", topo, aggregate_every=2, max_steps=3)
+    schedule = _schedule("sequential", 3, 1, aggregate_every=2, max_steps=3)
+    assert isinstance(schedule, SequentialSchedule)
+    topo = schedule.topology
     assert schedule.steps == 9  # every client trains max_steps steps, one client per step
     # Turns of 2 local steps; max_steps=3 is not a multiple of 2, so the last round's turns are 1.
     assert [schedule.active_client(s) for s in range(9)] == [0, 0, 1, 1, 2, 2, 0, 1, 2]
-    trains = {c: [s for s in range(9) if S.Forward() in schedule.train(topo.role_of(c), s)] for c in range(3)}
+    trains = {c: [s for s in range(9) if S.Forward(0) in schedule.train(topo.role_of(c), s)] for c in range(3)}
     assert {c: len(v) for c, v in trains.items()} == {0: 3, 1: 3, 2: 3}
     # The server serves only the active client, and the next client starts from its adapters.
-    assert schedule.train(topo.role_of(3), 2)[0] == S.RecvActivations((1,))
+    assert schedule.train(topo.role_of(3), 2)[0] == S.RecvActivations(0, (1,))
     assert schedule.train(topo.role_of(0), 1)[-2:] == [S.SendAdapters(1), S.TurnBarrier()]
     assert schedule.train(topo.role_of(1), 1) == [S.RecvAdapters(0), S.TurnBarrier()]
     assert schedule.train(topo.role_of(2), 1) == [S.TurnBarrier()]
     assert schedule.train(topo.role_of(2), 5)[-2:] == [S.SendAdapters(0), S.TurnBarrier()]  # the round wraps
-    # No FedAvg in vanilla split learning; the run ends with the last client's model everywhere.
     every = [i for s in range(9) for c in range(3) for i in schedule.train(topo.role_of(c), s)]
     assert S.AverageAdapters() not in every
     assert all(S.ShareAdapters(2) in schedule.train(topo.role_of(c), 8) for c in range(3))
-    # Evaluation: clients first take the model of the client that trained last (not after the
-    # last step, which already shared it); counts per client are scaled to sequential steps.
     assert schedule.before_eval(topo.role_of(1), 3) == [S.ShareAdapters(1)]
     assert schedule.before_eval(topo.role_of(1), 8) == [] and schedule.before_eval(topo.role_of(3), 3) == []
     assert [s for s in range(9) if schedule.is_eval_step(s, eval_every=1)] == [2, 5, 8]
 
 
 def test_sequential_with_one_client_is_the_split_step():
-    topo = Topology(clients=1, server_stages=2)
-    seq, split = S.Schedule("sequential", topo, 3, 4), S.Schedule("split", topo, 3, 4)
-    assert seq.steps == split.steps == 4
-    for step in range(4):
-        for r in range(3):
-            assert seq.train(topo.role_of(r), step) == split.train(topo.role_of(r), step)
+    for m in (1, 3):
+        seq, split = _schedule("sequential", 1, 2, 3, 4, m), _schedule("split", 1, 2, 3, 4, m)
+        assert isinstance(split, SplitSchedule) and seq.steps == split.steps == 4
+        for step in range(4):
+            for r in range(3):
+                assert seq.train(seq.topology.role_of(r), step) == split.train(split.topology.role_of(r), step)
 
 
 def test_global_clipping_joins_exactly_the_ranks_that_train_together():
-    topo = Topology(clients=2, server_stages=2)
     for mode in ("split", "sequential", "fedlora"):
-        layout = Topology(2, 0) if mode == "fedlora" else topo
-        schedule = S.Schedule(mode, layout, aggregate_every=2, max_steps=3, clip_global=True)
+        schedule = _schedule(mode, 2, 0 if mode == "fedlora" else 2, micro_batches=2, clip_global=True)
+        layout = schedule.topology
         for step in range(schedule.steps):
             clips = {r: [i for i in schedule.train(layout.role_of(r), step) if isinstance(i, S.ClipGradients)]
                      for r in range(layout.world_size)}
@@ -118,30 +186,33 @@ def test_global_clipping_joins_exactly_the_ranks_that_train_together():
             assert joined == expected, (mode, step)
             assert all(clips[r] == [S.ClipGradients(schedule.clip_ranks(step))] for r in joined)
             assert tuple(sorted(expected)) in schedule.clip_rank_sets()
-            for r in joined:  # the norm is taken after the backward and before the optimizer step
+            for r in joined:  # the norm is taken after the last backward and before the optimizer step
                 kinds = [type(i) for i in schedule.train(layout.role_of(r), step)]
-                assert kinds.index(S.Backward) < kinds.index(S.ClipGradients) == kinds.index(S.OptimizerStep) - 1
-    sequential = S.Schedule("sequential", topo, aggregate_every=2, max_steps=3, clip_global=True)
+                last_backward = len(kinds) - 1 - kinds[::-1].index(S.Backward)
+                assert last_backward < kinds.index(S.ClipGradients) == kinds.index(S.OptimizerStep) - 1
+    sequential = _schedule("sequential", 2, 2, clip_global=True)
     assert [sequential.clip_ranks(s) for s in range(4)] == [(0, 2, 3), (0, 2, 3), (1, 2, 3), (1, 2, 3)]
 
 
 def test_no_clipping_instruction_unless_global_clipping_is_on():
-    topo = Topology(clients=2, server_stages=1)
-    for clip_global, mode in ((False, "split"), (True, "centralized")):
-        schedule = S.Schedule(mode, topo, aggregate_every=1, max_steps=2, clip_global=clip_global)
-        roles = [topo.role_of(r) for r in range(topo.world_size)]
-        assert not any(isinstance(i, S.ClipGradients) for role in roles for i in schedule.train(role, 0))
-        assert schedule.clip_rank_sets() == []
+    schedule = _schedule("split", 2, 1, aggregate_every=1, max_steps=2)
+    roles = [schedule.topology.role_of(r) for r in range(3)]
+    assert not any(isinstance(i, S.ClipGradients) for role in roles for i in schedule.train(role, 0))
+    assert schedule.clip_rank_sets() == []
 
 
 def test_peers_name_whom_an_instruction_waits_on():
-    topo = Topology(clients=3, server_stages=2)
-    schedule = S.Schedule("split", topo, aggregate_every=1, max_steps=2, server_aggregates=True, clip_global=True)
-    assert schedule.peers(S.RecvGrads(3), 0) == (3,)
-    assert schedule.peers(S.SendActivations(4), 3) == (4,)
-    assert schedule.peers(S.RecvActivations((0, 1, 2)), 3) == (0, 1, 2)
-    assert schedule.peers(S.SendGrads((0, 1, 2)), 3) == (0, 1, 2)
+    schedule = _schedule("split", 3, 2, aggregate_every=1, max_steps=2, server_aggregates=True, clip_global=True)
+    assert schedule.peers(S.RecvGrads(0, 3), 0) == (3,)
+    assert schedule.peers(S.SendActivations(1, 4), 3) == (4,)
+    assert schedule.peers(S.RecvActivations(0, (0, 1, 2)), 3) == (0, 1, 2)
+    assert schedule.peers(S.SendGrads(0, (0, 1, 2)), 3) == (0, 1, 2)
     assert schedule.peers(S.AverageAdapters(), 1) == (0, 2, 3)  # server stage 0 holds shared blocks
     assert schedule.peers(S.ClipGradients((0, 1, 2, 3, 4)), 4) == (0, 1, 2, 3)
     assert schedule.peers(S.TurnBarrier(), 2) == (0, 1)
-    assert schedule.peers(S.Forward(), 0) == ()
+    assert schedule.peers(S.Forward(0), 0) == ()
+
+
+def test_role_names():
+    topo = Topology(clients=2, server_stages=2)
+    assert [topo.role_of(r).name for r in range(4)] == ["client0", "client1", "server0", "server1"]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from _launch import ROOT, check, launch, write_recipe
-from splitlora_ds.logging import read_scalars
+from splitlora_ds.metrics import read_scalars
 
 pytestmark = pytest.mark.launcher
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import RunConfig
-from ..logging import read_scalars
+from ..metrics import read_scalars
+from ..modes import get_mode
 from ..run_summary import read_summary
 from .latency import RoundWork
 
@@ -32,11 +33,8 @@ def free_port() -> int:
 
 def main_role(cfg: RunConfig) -> str:
     """The rank that logs the job-wide loss."""
-    if cfg.mode == "centralized":
-        return "centralized"
-    if cfg.mode == "fedlora":
-        return "client0"
-    return f"server{cfg.split.server_stages - 1}"
+    mode = get_mode(cfg.mode, cfg.federation.clients, cfg.split.server_stages)
+    return mode.role_of(mode.main_rank).name
 
 
 def roles(cfg: RunConfig) -> tuple[list[str], list[str]]:
@@ -197,7 +195,8 @@ def _server_figures(summaries: list[dict], steps_per_round: int) -> dict:
             # Tokens per second of the server's own compute (forward, loss, backward, optimizer),
             # waiting on clients excluded: how well it uses batching.
             "compute_tokens_per_s": tokens / compute if compute else 0.0,
-            "positions": summaries[0]["positions"],  # padded positions the first stage ran
+            "positions": summaries[0]["positions"],  # positions (packed or padded) the first stage ran
+            "real_tokens": summaries[0].get("real_tokens", 0),  # of those, the real ones
             "tokens": tokens,
             "peak_rss_bytes": max(s["peak_rss_bytes"] for s in summaries),
             "rss_before_model_bytes": max(s.get("rss_before_model_bytes", 0) for s in summaries),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import ConfigError
-from ..logging import read_scalars
+from ..metrics import read_scalars
 from .runs import ModeResult, collect, main_role, run_mode
 
 GPT2_SMALL = "model.config={n_layer: 12, n_embd: 768, n_head: 12, n_positions: 1024}"

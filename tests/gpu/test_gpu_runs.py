@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from _launch import ROOT, check, launch, rank_env, run_single, scalars, write_recipe
-from splitlora_ds.logging import read_scalars
+from splitlora_ds.metrics import read_scalars
 from splitlora_ds.run_summary import read_summary
 
 GPU = {"dist": {"timeout_s": 120, "backend": "gloo"}}

@@ -6,7 +6,7 @@ import sys
 
 from safetensors.torch import save_file
 
-from splitlora_ds import schedule as S
+from splitlora_ds.runtime import instructions as S
 from splitlora_ds.config import load_config
 from splitlora_ds.train import parse_args
 from splitlora_ds.prepare import prepare

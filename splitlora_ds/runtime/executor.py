@@ -1,0 +1,460 @@
+"""Runs a role's instructions (runtime/schedules.py) on its stage, one step at a time.
+
+Each rank wraps its stage in its own DeepSpeed engine (optimizer, LR schedule, clipping and
+precision come from the ds_config), whose data-parallel world is the rank alone; FedAvg across
+clients is ours, every I steps. Instructions address micro-batch buffers by id (`MicroBatch`);
+the step's batch is split into M of them and packed (runtime/packing.py). Server stage 0 packs
+micro-batch m of every client it serves into one batch.
+
+The step's loss is the mean over every client's tokens of the whole step (what the server's
+adapters train on): each micro-batch's token-loss sum is divided by the step's token count N,
+which the clients know before they split their batch and send along with every micro-batch.
+Each client gets back the gradient of its own mean token loss (the split-federated convention),
+so with FedAvg weights n_c / n the averaged client update is the centralized one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ..comm import P2P
+from ..failures import PeerLost, wait_on
+from ..federation.fedavg import allreduce_weighted_average_, broadcast_, flat_nbytes
+from ..hetero.importance import ImportanceTracker
+from ..masters import adapter_masters, copy_masters_to_params_
+from ..modes import Mode
+from ..privacy.dp import ClientPrivacy
+from ..stage import SharedBlockGrad, Stage
+from ..timing import InstructionClock
+from ..topology import Groups, Role
+from . import instructions as I
+from .buffers import MicroBatch
+from .loss import IGNORE, token_loss
+from .packing import DEFAULT_PACK_LENGTH, PackPlan, next_token_targets
+from .schedules import Schedule
+from .stats import EvalStats, StepStats
+
+# Called after every instruction with (step, instruction, executor): for tracing, profiling and
+# tests that need to see adapters between an optimizer step and an averaging.
+Observer = Callable[[int, I.Instruction, "Executor"], None]
+
+# What torch and DeepSpeed add to the norm before dividing (clip_grad_norm_).
+_CLIP_EPS = 1e-6
+
+
+@dataclass
+class GradClip:
+    """Clipping by the global gradient norm (train.clip_scope: global): the threshold, this rank's
+    weight in the squared norm (a client's FedAvg weight: client copies are averaged, so each
+    counts as its share of the global model; server stages 1), and a process group per set of
+    ranks that clip together (ClipGradients.ranks)."""
+
+    max_norm: float
+    weight: float
+    groups: dict[tuple[int, ...], Optional[dist.ProcessGroup]]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """train.pack / train.pack_length: pack rows instead of padding them to the longest."""
+
+    enabled: bool = True
+    length: Optional[int] = DEFAULT_PACK_LENGTH
+
+    def plan(self, masks: Sequence[torch.Tensor], groups: Optional[Sequence[int]] = None) -> PackPlan:
+        return PackPlan.build(masks, self.length, groups) if self.enabled else PackPlan.padded(masks, groups)
+
+
+@dataclass
+class Hetero:
+    """Heterogeneous split points at server stage 0: the layer each client's activations enter at,
+    and every client's FedAvg weight (shared blocks weigh rows by them; see SharedBlockGrad)."""
+
+    entry_layers: list[int]
+    client_weights: list[float]
+
+
+@dataclass
+class RoleParts:
+    """What one rank's executor works with."""
+
+    role: Role
+    mode: Mode
+    schedule: Schedule
+    stage: Stage
+    engine: Any  # the DeepSpeed engine around `stage`
+    p2p: P2P
+    groups: Optional[Groups]
+    clients: int  # data owners: the length of per-client figures
+    batches: Optional[Iterator[dict]] = None
+    packing: Packing = field(default_factory=Packing)
+    label_smoothing: float = 0.0
+    aggregator: Any = None  # federation strategy (aggregate_(masters) -> bytes), None: no aggregation
+    hetero: Optional[Hetero] = None
+    clip: Optional[GradClip] = None
+    importance: Optional[ImportanceTracker] = None
+    privacy: Optional[ClientPrivacy] = None  # a client's DP mechanisms (privacy.*), None when off
+    observers: Sequence[Observer] = ()
+
+
+class Executor:
+    def __init__(self, parts: RoleParts):
+        self.parts = parts
+        self.role, self.mode, self.schedule = parts.role, parts.mode, parts.schedule
+        self.topology = parts.schedule.topology
+        self.stage, self.engine, self.p2p = parts.stage, parts.engine, parts.p2p
+        self.device = parts.p2p.device
+        self.clock = InstructionClock(self.device)
+        # What aggregation reads and writes: the optimizer's fp32 copies in bf16 runs.
+        self.masters = adapter_masters(self.engine.optimizer, self.stage.adapter_parameters()) if self.engine else {}
+        self.training = True
+        self.computes_loss = parts.mode.computes_loss(parts.role)
+        self.eval_batches: Optional[Iterator[dict]] = None
+        self.buffers: dict[int, MicroBatch] = {}
+        self.step_counts: Optional[torch.Tensor] = None  # [clients] target tokens of this step per client
+        self.pending: list[tuple[list, int]] = []  # sends in flight: (work handles, peer)
+        self.stats = StepStats(-1)
+        self._grads_ready = False
+        self._handlers = {
+            I.LoadBatch: self._load_batch,
+            I.LoadEvalBatch: self._load_eval_batch,
+            I.Forward: self._forward,
+            I.SendActivations: self._send_activations,
+            I.RecvActivations: self._recv_activations,
+            I.ComputeLoss: self._compute_loss,
+            I.Backward: self._backward,
+            I.SendGrads: self._send_grads,
+            I.RecvGrads: self._recv_grads,
+            I.ClipGradients: self._clip_gradients,
+            I.OptimizerStep: self._optimizer_step,
+            I.AverageAdapters: self._average_adapters,
+            I.ReduceLossStats: self._reduce_loss_stats,
+            I.SendAdapters: self._send_adapters,
+            I.RecvAdapters: self._recv_adapters,
+            I.ShareAdapters: self._share_adapters,
+            I.TurnBarrier: self._turn_barrier,
+        }
+
+    # ------------------------------------------------------------------ driver
+    def train_step(self, step: int) -> StepStats:
+        self._reset(step)
+        t0 = t = self.clock.now()
+        for instruction in self.schedule.train(self.role, step):
+            self._execute(instruction, step)
+            kind = type(instruction).__name__
+            done = self.clock.now()
+            self.stats.seconds_by[kind] = self.stats.seconds_by.get(kind, 0.0) + done - t
+            for observe in self.parts.observers:
+                observe(step, instruction, self)
+            t = self.clock.now() if self.parts.observers else done  # observers' time is nobody's instruction
+        self._wait_sends(step)
+        done = self.clock.now()
+        self.stats.seconds_by["WaitSends"] = done - t
+        self.stats.seconds = done - t0
+        return self.stats
+
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence[dict], num_batches: int, step: int = -1) -> Optional[EvalStats]:
+        """One pass over validation data after step `step`: every client sends `num_batches`
+        batches (empty ones once its own shard is exhausted); the loss's role returns the
+        token-weighted loss."""
+        # comm/ counts training traffic: what evaluation sends is left out of the byte counters.
+        traffic = self.p2p.bytes_sent, self.p2p.bytes_received
+        for instruction in self.schedule.before_eval(self.role, step):
+            self._execute(instruction, step)
+        self.engine.eval()
+        self.training = False
+        empty = {"input_ids": torch.zeros(0, 1, dtype=torch.long),
+                 "attention_mask": torch.zeros(0, 1, dtype=torch.long),
+                 "labels": torch.full((0, 1), IGNORE, dtype=torch.long)}
+        self.eval_batches = iter(list(batches)[:num_batches] + [empty] * max(0, num_batches - len(batches)))
+        result = EvalStats() if self.computes_loss else None
+        t0 = self.clock.now()
+        try:
+            for _ in range(num_batches):
+                self._reset(-1)
+                for instruction in self.schedule.eval(self.role):
+                    self._execute(instruction, step)
+                self._wait_sends(step)
+                if result is not None:
+                    result.add(self.stats)
+        finally:
+            self.engine.train()
+            self.training = True
+            self.eval_batches = None
+            self.p2p.bytes_sent, self.p2p.bytes_received = traffic
+        if result is not None and self.mode.whole_model_clients:
+            # fedlora: each client scored its own shard; the job-wide figure sums them all.
+            sums, tokens = self._sum_over_clients(result.client_loss_sum, result.client_tokens)
+            result.loss_sum, result.tokens = float(sum(sums)), int(sum(tokens))
+            result.client_loss_sum, result.client_tokens = sums, tokens
+        if result is not None:
+            result.seconds = self.clock.now() - t0
+        return result
+
+    def _execute(self, instruction: I.Instruction, step: int) -> None:
+        """Run one instruction; a failed exchange with a peer becomes PeerLost naming the peer,
+        the step and the instruction (errors of instructions that talk to nobody propagate)."""
+        try:
+            self._handlers[type(instruction)](instruction)
+        except PeerLost as e:
+            e.step, e.during = step, type(instruction).__name__
+            raise
+        except RuntimeError as e:
+            peers = self.schedule.peers(instruction, self.role.rank)
+            if not peers:
+                raise
+            raise PeerLost(peers, e, step, type(instruction).__name__) from e
+
+    def _wait_sends(self, step: int) -> None:
+        """Sends start at once and are waited for here, at the end of the step: a rank never
+        blocks on a send, so the pipeline's order of sends and receives cannot deadlock."""
+        pending, self.pending = self.pending, []
+        for works, peer in pending:
+            try:
+                wait_on(works, peer)
+            except PeerLost as e:
+                e.step, e.during = step, "sending"
+                raise
+
+    def _reset(self, step: int) -> None:
+        self.buffers = {}
+        self.step_counts = None
+        self.stats = StepStats(step)
+        self._grads_ready = False
+
+    # ------------------------------------------------------------------ loading
+    def _load_batch(self, _: I.LoadBatch) -> None:
+        self._use_batch(next(self.parts.batches), self.schedule.micro_batches)
+
+    def _load_eval_batch(self, _: I.LoadEvalBatch) -> None:
+        self._use_batch(next(self.eval_batches), 1)
+
+    def _use_batch(self, batch: dict, micro_batches: int) -> None:
+        """Split the batch's rows into micro-batch buffers 0..M-1, each packed on its own."""
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        targets = next_token_targets(batch["labels"].to(self.device), mask)
+        # The client of every row: this client, or (a centralized batch pools every client's rows
+        # in client order) the client that contributed it.
+        sizes = batch.get("client_sizes")
+        if sizes is None:
+            rows_owner = torch.full((ids.shape[0],), self._own_client, dtype=torch.long, device=self.device)
+        else:
+            rows_owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
+                                                 torch.tensor(sizes, device=self.device))
+        owner = torch.where(mask > 0, rows_owner[:, None], -1)
+        scored = owner[targets != IGNORE]
+        self.step_counts = torch.bincount(scored, minlength=self.parts.clients)
+        for m, rows in enumerate(torch.arange(ids.shape[0], device=self.device).tensor_split(micro_batches)):
+            self.buffers[m] = self._packed_input(ids[rows], mask[rows], targets[rows], owner[rows])
+
+    @property
+    def _own_client(self) -> int:
+        return self.role.index if self.role.is_client else 0
+
+    def _packed_input(self, ids, mask, targets, owner) -> MicroBatch:
+        # Per-sample DP clipping works on rows: a client that clips its activations keeps one
+        # sample per row.
+        packing = self.parts.packing
+        if self.parts.privacy is not None and self.parts.privacy.cfg.activation_clip is not None:
+            packing = Packing(enabled=False)
+        plan = packing.plan([mask])
+        return MicroBatch(plan.pack([ids], 0), plan.segments, plan.pack([targets], IGNORE), plan.pack([owner], -1))
+
+    # ------------------------------------------------------------------ compute
+    def _forward(self, ins: I.Forward) -> None:
+        b = self.buffers[ins.buffer]
+        if b.empty:
+            # Nothing to compute (attention kernels reject zero-row batches): an empty activation.
+            b.output = torch.zeros(b.x.shape[0], b.x.shape[1], self.stage.hidden_size,
+                                   dtype=self.stage.compute_dtype, device=self.device)
+            return
+        self.stats.positions += b.x.shape[0] * b.x.shape[1]
+        self.stats.real_tokens += int((b.mask > 0).sum())
+        shared_grad = b.shared_grad if self.training else None
+        if self.computes_loss:
+            # The head projects only positions with a next-token target: logits [N, V].
+            score_index = (b.targets.flatten() != IGNORE).nonzero().squeeze(1)
+            b.output = self.engine(b.x, b.mask, score_index, row_entry=b.row_entry, shared_grad=shared_grad)
+        else:
+            b.output = self.engine(b.x, b.mask, row_entry=b.row_entry, shared_grad=shared_grad)
+            if self.parts.privacy is not None and self.role.is_client:  # what leaves the client: clipped, noised
+                # One release per step for the accountant: the micro-batches are disjoint parts
+                # of the one batch sampled this step.
+                b.output = self.parts.privacy.release(b.output, b.mask, self.training and ins.buffer == 0)
+
+    def _compute_loss(self, ins: I.ComputeLoss) -> None:
+        b = self.buffers[ins.buffer]
+        if b.empty:
+            return
+        smoothing = self.parts.label_smoothing if self.training else 0.0  # eval/loss: plain cross-entropy
+        loss = token_loss(b.output, b.targets, b.owner, self.parts.clients, smoothing)
+        # Divided by the whole step's token count: M micro-batches sum to the step's mean loss.
+        b.loss = loss.total / max(int(self.step_counts.sum()), 1)
+        self.stats.add_loss(loss.client_sum.tolist(), loss.client_tokens.tolist())
+
+    def _backward(self, ins: I.Backward) -> None:
+        b = self.buffers[ins.buffer]
+        if b.loss is not None:
+            self.engine.backward(b.loss)
+        elif b.output is not None and b.output.requires_grad and b.grad_output is not None:
+            # d(sum(out * g))/d(params) = g^T d(out)/d(params): the chain rule across the cut.
+            self.engine.backward((b.output * b.grad_output).sum())
+        b.output = b.loss = b.grad_output = None  # the graph is spent; leaves stay for SendGrads
+
+    def _gradients_complete(self) -> None:
+        """Every micro-batch's backward is done: what reads whole-step gradients runs now."""
+        if not self._grads_ready and self.parts.importance is not None:
+            self.parts.importance.update(self.stage)
+        self._grads_ready = True
+
+    @torch.no_grad()
+    def _clip_gradients(self, ins: I.ClipGradients) -> None:
+        self._gradients_complete()
+        clip = self.parts.clip
+        grads = [p.grad for p in self.stage.adapter_parameters().values() if p.grad is not None]
+        local = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=self.device))
+        total = (local.double() * clip.weight).reshape(1).to(self.p2p.staging)
+        if len(ins.ranks) > 1:
+            dist.all_reduce(total, group=clip.groups[ins.ranks])
+        norm = float(total.sqrt())
+        self.stats.grad_norm = norm
+        coef = min(1.0, clip.max_norm / (norm + _CLIP_EPS))
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+
+    def _optimizer_step(self, _: I.OptimizerStep) -> None:
+        self._gradients_complete()
+        # The rate this step applies (DeepSpeed's schedulers advance inside engine.step()).
+        self.stats.lr = float(self.engine.optimizer.param_groups[0]["lr"])
+        self.engine.step()
+
+    # ------------------------------------------------------------------ activations and gradients
+    def _send_activations(self, ins: I.SendActivations) -> None:
+        b = self.buffers[ins.buffer]
+        counts = self.step_counts if self.step_counts is not None else torch.zeros(self.parts.clients, dtype=torch.long)
+        # A client's rows are all its own: the owner travels between server stages only.
+        extra = [] if self.role.is_client else [b.owner]
+        self.pending.append((self.p2p.isend([b.output, b.mask, b.targets, *extra, counts], ins.dst), ins.dst))
+
+    def _recv_activations(self, ins: I.RecvActivations) -> None:
+        bundles = self.p2p.recv_many(ins.srcs, self.stage.compute_dtype)
+        if self.role.is_server and self.role.index == 0:
+            self.buffers[ins.buffer] = self._pack_clients(ins.srcs, bundles)
+        else:
+            ((hidden, mask, targets, owner, counts),) = bundles
+            leaf = hidden.requires_grad_(self.training)
+            self.buffers[ins.buffer] = MicroBatch(leaf, mask, targets, owner, leaves=[leaf])
+            self.step_counts = counts
+
+    def _pack_clients(self, srcs: tuple[int, ...], bundles: list[list[torch.Tensor]]) -> MicroBatch:
+        """Server stage 0: every served client's micro-batch, packed into one batch."""
+        clients = [self.topology.role_of(src).index for src in srcs]
+        leaves = [hidden.requires_grad_(self.training) for hidden, *_ in bundles]
+        masks = [mask for _h, mask, *_ in bundles]
+        hetero = self.parts.hetero
+        # Rows that enter at different layers (heterogeneous split points) never share a packed row.
+        plan = self.parts.packing.plan(masks, groups=clients if hetero is not None else None)
+        owners = [torch.where(mask > 0, c, -1) for mask, c in zip(masks, clients)]
+        self.step_counts = torch.stack([counts for *_, counts in bundles]).sum(0)
+        b = MicroBatch(plan.pack(leaves, 0.0), plan.segments, plan.pack([t for _h, _m, t, _c in bundles], IGNORE),
+                       plan.pack(owners, -1), leaves=leaves, plan=plan, source_clients=clients)
+        if hetero is not None:
+            rows_client = plan.row_group.cpu()
+            # On the CPU: the stage reads row counts from it per layer (see Stage.forward).
+            b.row_entry = torch.tensor(hetero.entry_layers)[rows_client]
+            if self.training:
+                b.shared_grad = self._shared_block_grad(clients, rows_client)
+        return b
+
+    def _shared_block_grad(self, clients: list[int], rows_client: torch.Tensor) -> SharedBlockGrad:
+        """Row scales N w_c / N_c and block weights W_i for the shared blocks (see SharedBlockGrad)."""
+        hetero = self.parts.hetero
+        counts = self.step_counts.to(torch.float32)
+        w = torch.tensor(hetero.client_weights, dtype=torch.float32, device=counts.device)
+        per_client = counts.sum() * w / counts.clamp(min=1)
+        layer_weight = {int(i): sum(hetero.client_weights[c] for c in clients if hetero.entry_layers[c] <= int(i))
+                        for i in self.stage.layers}
+        return SharedBlockGrad(per_client[rows_client.to(counts.device)].to(self.device), layer_weight)
+
+    def _send_grads(self, ins: I.SendGrads) -> None:
+        b = self.buffers.pop(ins.buffer)
+        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in b.leaves]
+        if b.source_clients:
+            # The loss is the mean over all N tokens of the step, so client c's slice holds N_c / N
+            # times the gradient of its own mean loss; it gets the gradient of its own mean loss.
+            counts = self.step_counts
+            grads = [g * (counts.sum() / counts[c].clamp(min=1)).to(g.dtype) for g, c in zip(grads, b.source_clients)]
+        for grad, dst in zip(grads, ins.dsts):
+            self.pending.append((self.p2p.isend([grad], dst), dst))
+
+    def _recv_grads(self, ins: I.RecvGrads) -> None:
+        b = self.buffers[ins.buffer]
+        (b.grad_output,) = self.p2p.recv(ins.src, b.output.dtype)
+
+    # ------------------------------------------------------------------ aggregation
+    def _reduce_loss_stats(self, _: I.ReduceLossStats) -> None:
+        tokens = self.stats.client_tokens or [0] * self.parts.clients
+        sums = self.stats.client_sum or [0.0] * self.parts.clients
+        sums, tokens = self._sum_over_clients(sums, tokens)
+        self.stats.client_sum, self.stats.client_tokens = sums, tokens
+        self.stats.loss_sum, self.stats.tokens = float(sum(sums)), int(sum(tokens))
+        self.stats.loss = self.stats.loss_sum / max(self.stats.tokens, 1)
+
+    def _sum_over_clients(self, loss_sums: list[float], tokens: list[int]) -> tuple[list[float], list[int]]:
+        """Every client's (loss sum, token count), summed over the clients with one all-reduce."""
+        c = len(tokens)
+        buf = torch.tensor([*loss_sums, *tokens], dtype=torch.float64, device=self.p2p.staging)
+        if self.topology.clients > 1:
+            dist.all_reduce(buf, group=self.parts.groups.clients)
+        values = buf.tolist()
+        return values[:c], [int(t) for t in values[c:]]
+
+    def _average_adapters(self, _: I.AverageAdapters) -> None:
+        nbytes = self.parts.aggregator.aggregate_(self.masters)
+        if self.role.is_client:  # server stage 0 plays the aggregator: its copies do not travel
+            # Counted as a FedAvg server would see it, whatever the collective: each client uploads
+            # its adapters and downloads the result at its own shapes.
+            self.p2p.bytes_sent += nbytes
+            self.p2p.bytes_received += nbytes
+            self.p2p.adapter_bytes_sent += nbytes
+        self._masters_to_params()
+        self.stats.averaged = True
+
+    def _masters_to_params(self) -> None:
+        # Aggregation wrote the optimizer's (fp32) masters; the model computes with the parameters.
+        copy_masters_to_params_(self.masters, self.stage.adapter_parameters())
+
+    def _send_adapters(self, ins: I.SendAdapters) -> None:
+        masters = list(self.masters.values())
+        self.p2p.send([_flatten_dense_tensors([m.detach() for m in masters])], ins.dst, exact=True)
+        self.p2p.adapter_bytes_sent += flat_nbytes(masters)
+
+    @torch.no_grad()
+    def _recv_adapters(self, ins: I.RecvAdapters) -> None:
+        masters = list(self.masters.values())
+        (flat,) = self.p2p.recv(ins.src, masters[0].dtype)
+        for m, t in zip(masters, _unflatten_dense_tensors(flat, masters)):
+            m.copy_(t)
+        self._masters_to_params()
+
+    @torch.no_grad()
+    def _share_adapters(self, ins: I.ShareAdapters) -> None:
+        # Not counted in comm/: vanilla split learning would evaluate on the last client; the
+        # broadcast only lets every client's validation shard be scored with that model.
+        masters = list(self.masters.values())
+        broadcast_(masters, ins.src, self.parts.groups.clients, self.p2p.staging)
+        self._masters_to_params()
+
+    def _turn_barrier(self, _: I.TurnBarrier) -> None:
+        dist.barrier(group=self.parts.groups.clients)
+
+
+__all__ = ["Executor", "RoleParts", "GradClip", "Packing", "Hetero", "Observer", "allreduce_weighted_average_"]

@@ -1,0 +1,309 @@
+"""One training step as a list of instructions per role: one schedule class per mode.
+
+Pure functions of the topology, the step number and the micro-batch count M: tested without
+processes, run by `runtime.executor.Executor`. A split step is a 1F1B pipeline (as DeepSpeed's
+`TrainSchedule`): the clients are position 0 of a pipeline of depth 1 + S, server stage s is
+position s + 1; position p first runs min(depth - p - 1, M) forwards, then alternates one
+forward and one backward, then drains its backwards. So client c forwards micro-batch m + 1
+while the server works on m, and server stage s + 1 works on m while stage s works on m + 1.
+Gradients accumulate over the micro-batches; every role takes one optimizer step per step.
+Server stage 0 packs micro-batch m of every client it serves into one batch.
+
+    client c:      LoadBatch  1F1B[Forward SendActivations | RecvGrads Backward]
+                   [ClipGradients] OptimizerStep [AverageAdapters]
+    server stage:  1F1B[RecvActivations Forward (ComputeLoss | SendActivations) |
+                        (RecvGrads) Backward SendGrads]  [ClipGradients] OptimizerStep
+                   [AverageAdapters: stage 0, for the blocks it holds on behalf of clients that
+                    cut earlier (heterogeneous split points)]
+    centralized:   LoadBatch  (Forward ComputeLoss Backward) x M  OptimizerStep
+    fedlora c:     the centralized step on each client, ReduceLossStats [AverageAdapters]
+    sequential:    vanilla split learning: clients take turns of I steps; the active client runs
+                   the client step (no averaging) and at the end of its turn sends its adapters to
+                   the next client (SendAdapters/RecvAdapters); the server serves the active client
+                   only; every client ends each step at a TurnBarrier, so an idle client never
+                   waits longer than one step on a collective (dist.timeout_s stays meaningful).
+
+ClipGradients (train.clip_scope: global) names the ranks that train together in this step; they
+all-reduce one scalar. An evaluation batch is the forward half alone, one buffer, no optimizer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
+
+from ..topology import Role, Topology
+from .instructions import (AverageAdapters, Backward, ClipGradients, ComputeLoss, Forward, Instruction, LoadBatch,
+                           LoadEvalBatch, OptimizerStep, RecvActivations, RecvAdapters, RecvGrads, ReduceLossStats,
+                           SendActivations, SendAdapters, SendGrads, ShareAdapters, TurnBarrier)
+
+Part = Callable[[int], list[Instruction]]  # micro-batch id -> its instructions
+
+
+def is_aggregation_step(step: int, aggregate_every: int, max_steps: int | None = None) -> bool:
+    """Step numbers are 0-based; averaging follows every `aggregate_every`-th local step and the
+    last step, so a run always ends with one global model (what is evaluated and exported)."""
+    return (step + 1) % aggregate_every == 0 or step == (max_steps or 0) - 1
+
+
+def is_eval_step(step: int, eval_every: int, max_steps: int) -> bool:
+    """Evaluate after every `eval_every`-th step (0: never mid-run) and after the last one."""
+    return step == max_steps - 1 or (eval_every > 0 and (step + 1) % eval_every == 0)
+
+
+def one_f_one_b(position: int, depth: int, micro_batches: int, forward: Part, backward: Part) -> list[Instruction]:
+    """Position `position` of a `depth`-deep pipeline: warm-up forwards, one forward and one
+    backward in turn, then the remaining backwards (DeepSpeed's TrainSchedule order)."""
+    warmup = min(depth - position - 1, micro_batches)
+    out: list[Instruction] = []
+    for m in range(warmup):
+        out += forward(m)
+    for m in range(micro_batches - warmup):
+        out += forward(warmup + m) + backward(m)
+    for m in range(micro_batches - warmup, micro_batches):
+        out += backward(m)
+    return out
+
+
+def client_pipeline(topology: Topology, micro_batches: int) -> list[Instruction]:
+    server = topology.server_rank(0)
+    return [LoadBatch(), *one_f_one_b(
+        0, 1 + topology.server_stages, micro_batches,
+        lambda m: [Forward(m), SendActivations(m, server)],
+        lambda m: [RecvGrads(m, server), Backward(m)])]
+
+
+def server_pipeline(topology: Topology, stage: int, clients: tuple[int, ...], micro_batches: int) -> list[Instruction]:
+    """`clients`: whose activations the first stage serves this step."""
+    srcs = clients if stage == 0 else (topology.server_rank(stage - 1),)
+    if stage == topology.server_stages - 1:
+        forward: Part = lambda m: [RecvActivations(m, srcs), Forward(m), ComputeLoss(m)]  # noqa: E731
+        # Gradients go back before anything else so the upstream ranks resume sooner.
+        backward: Part = lambda m: [Backward(m), SendGrads(m, srcs)]  # noqa: E731
+    else:
+        nxt = topology.server_rank(stage + 1)
+        forward = lambda m: [RecvActivations(m, srcs), Forward(m), SendActivations(m, nxt)]  # noqa: E731
+        backward = lambda m: [RecvGrads(m, nxt), Backward(m), SendGrads(m, srcs)]  # noqa: E731
+    return one_f_one_b(stage + 1, 1 + topology.server_stages, micro_batches, forward, backward)
+
+
+def local_step(micro_batches: int) -> list[Instruction]:
+    """A whole model on one rank (centralized, fedlora): micro-batches one after another."""
+    out: list[Instruction] = [LoadBatch()]
+    for m in range(micro_batches):
+        out += [Forward(m), ComputeLoss(m), Backward(m)]
+    return out
+
+
+@dataclass(frozen=True)
+class Schedule(ABC):
+    """A whole run's instructions for one mode: `train(role, step)` for each of `steps` steps,
+    `eval(role)` per evaluation batch after `before_eval(role, step)`.
+
+    Recipe step counts (train.max_steps, eval.every, checkpoint.every, aggregate_every) are per
+    client. Every mode but `sequential` advances all clients in one step; a sequential step is
+    one client's local step, so that run has `clients x max_steps` steps and evaluates and
+    checkpoints every `clients x every` of them: the same data seen at the same points.
+    """
+
+    mode: ClassVar[str]
+    topology: Topology
+    aggregate_every: int
+    max_steps: int  # per client
+    micro_batches: int = 1
+    # Heterogeneous split points: server stage 0 holds blocks on behalf of clients that cut
+    # earlier, and joins the clients' aggregation for them.
+    server_aggregates: bool = False
+    # Gradient clipping by one norm over every rank that trains together (train.clip_scope:
+    # global, with a gradient_clipping threshold); False: each rank's engine clips its own.
+    clip_global: bool = False
+
+    @property
+    def steps_per_client_step(self) -> int:
+        return 1
+
+    @property
+    def steps(self) -> int:
+        return self.max_steps * self.steps_per_client_step
+
+    def every(self, every: int) -> int:
+        """A per-client interval (eval.every, checkpoint.every) in this schedule's steps."""
+        return every * self.steps_per_client_step
+
+    def is_eval_step(self, step: int, eval_every: int) -> bool:
+        return is_eval_step(step, self.every(eval_every), self.steps)
+
+    def aggregates(self, step: int) -> bool:
+        return self.topology.clients > 1 and is_aggregation_step(step, self.aggregate_every, self.max_steps)
+
+    def clip_ranks(self, step: int) -> Optional[tuple[int, ...]]:
+        """The ranks that train together in step `step` and share one gradient norm (None: no
+        global clipping this run)."""
+        return tuple(range(self.topology.world_size)) if self.clip_global else None
+
+    def clip_rank_sets(self) -> list[tuple[int, ...]]:
+        """Every distinct `clip_ranks` of the run (each becomes a process group)."""
+        return [tuple(range(self.topology.world_size))] if self.clip_global else []
+
+    def _update(self, step: int) -> list[Instruction]:
+        """After the backwards: clip (if global) and step."""
+        clip = self.clip_ranks(step)
+        return ([ClipGradients(clip)] if clip is not None else []) + [OptimizerStep()]
+
+    @abstractmethod
+    def train(self, role: Role, step: int) -> list[Instruction]: ...
+
+    def before_eval(self, role: Role, step: int) -> list[Instruction]:
+        """Instructions before the evaluation that follows step `step`."""
+        return []
+
+    def eval(self, role: Role) -> list[Instruction]:
+        """One evaluation batch of the split model: the forward half, one buffer."""
+        topo = self.topology
+        if role.is_client:
+            return [LoadEvalBatch(), Forward(0), SendActivations(0, topo.server_rank(0))]
+        stage = role.index
+        srcs = tuple(topo.client_ranks) if stage == 0 else (topo.server_rank(stage - 1),)
+        last = stage == topo.server_stages - 1
+        return [RecvActivations(0, srcs), Forward(0),
+                ComputeLoss(0) if last else SendActivations(0, topo.server_rank(stage + 1))]
+
+    def aggregation_members(self) -> list[int]:
+        return self.topology.client_ranks + ([self.topology.server_rank(0)] if self.server_aggregates else [])
+
+    def peers(self, instruction: Instruction, rank: int) -> tuple[int, ...]:
+        """The ranks `instruction` on `rank` waits on: who to name when it fails."""
+        if isinstance(instruction, (SendActivations, SendAdapters)):
+            return (instruction.dst,)
+        if isinstance(instruction, (RecvGrads, RecvAdapters)):
+            return (instruction.src,)
+        if isinstance(instruction, RecvActivations):
+            return instruction.srcs
+        if isinstance(instruction, SendGrads):
+            return instruction.dsts
+        if isinstance(instruction, ClipGradients):
+            members: list[int] = list(instruction.ranks)
+        elif isinstance(instruction, AverageAdapters):
+            members = self.aggregation_members()
+        elif isinstance(instruction, (ReduceLossStats, ShareAdapters, TurnBarrier)):
+            members = self.topology.client_ranks
+        else:
+            return ()
+        return tuple(r for r in members if r != rank)
+
+
+@dataclass(frozen=True)
+class CentralizedSchedule(Schedule):
+    """The unsplit model in one process (the exactness reference): no clipping instruction, the
+    engine clips its own gradients."""
+
+    mode: ClassVar[str] = "centralized"
+
+    def clip_ranks(self, step: int) -> Optional[tuple[int, ...]]:
+        return None
+
+    def clip_rank_sets(self) -> list[tuple[int, ...]]:
+        return []
+
+    def train(self, role: Role, step: int) -> list[Instruction]:
+        return local_step(self.micro_batches) + [OptimizerStep()]
+
+    def eval(self, role: Role) -> list[Instruction]:
+        return [LoadEvalBatch(), Forward(0), ComputeLoss(0)]
+
+
+@dataclass(frozen=True)
+class FedLoRASchedule(CentralizedSchedule):
+    """Every client holds the whole model (the FedLoRA baseline); FedAvg every I steps."""
+
+    mode: ClassVar[str] = "fedlora"
+
+    def clip_ranks(self, step: int) -> Optional[tuple[int, ...]]:
+        return Schedule.clip_ranks(self, step)
+
+    def clip_rank_sets(self) -> list[tuple[int, ...]]:
+        return Schedule.clip_rank_sets(self)
+
+    def train(self, role: Role, step: int) -> list[Instruction]:
+        out = local_step(self.micro_batches) + self._update(step) + [ReduceLossStats()]
+        return out + ([AverageAdapters()] if self.aggregates(step) else [])
+
+
+@dataclass(frozen=True)
+class SplitSchedule(Schedule):
+    """SplitLoRA: every client in parallel, the server serving all of them."""
+
+    mode: ClassVar[str] = "split"
+
+    def train(self, role: Role, step: int) -> list[Instruction]:
+        topo = self.topology
+        if role.is_client:
+            out = client_pipeline(topo, self.micro_batches) + self._update(step)
+            return out + ([AverageAdapters()] if self.aggregates(step) else [])
+        out = server_pipeline(topo, role.index, tuple(topo.client_ranks), self.micro_batches) + self._update(step)
+        if self.server_aggregates and role.index == 0 and self.aggregates(step):
+            out.append(AverageAdapters())
+        return out
+
+
+@dataclass(frozen=True)
+class SequentialSchedule(Schedule):
+    """Vanilla split learning: clients take turns; the server serves the active client only."""
+
+    mode: ClassVar[str] = "sequential"
+
+    @property
+    def steps_per_client_step(self) -> int:
+        return self.topology.clients
+
+    def active_client(self, step: int) -> int:
+        """Whose turn step `step` is. Turns last `aggregate_every` local steps; when max_steps is
+        not a multiple of it, the last round's turns are shorter so that every client trains
+        exactly max_steps steps."""
+        c, turn = self.topology.clients, self.aggregate_every
+        full_rounds = self.max_steps // turn
+        if step < full_rounds * turn * c:
+            return (step % (turn * c)) // turn
+        return (step - full_rounds * turn * c) // (self.max_steps - full_rounds * turn)
+
+    def turn_ends(self, step: int) -> bool:
+        return step == self.steps - 1 or self.active_client(step + 1) != self.active_client(step)
+
+    def clip_ranks(self, step: int) -> Optional[tuple[int, ...]]:
+        """A sequential step's active client and the server."""
+        return (self.active_client(step), *self.topology.server_ranks) if self.clip_global else None
+
+    def clip_rank_sets(self) -> list[tuple[int, ...]]:
+        if not self.clip_global:
+            return []
+        return [(c, *self.topology.server_ranks) for c in self.topology.client_ranks]
+
+    def train(self, role: Role, step: int) -> list[Instruction]:
+        topo, active = self.topology, self.active_client(step)
+        if role.is_server:
+            return server_pipeline(topo, role.index, (active,), self.micro_batches) + self._update(step)
+        out: list[Instruction] = []
+        last = step == self.steps - 1
+        nxt = self.active_client(step + 1) if not last else active
+        if role.index == active:
+            # no averaging in vanilla split learning: the turn ends with a hand-over instead
+            out += client_pipeline(topo, self.micro_batches) + self._update(step)
+            if self.turn_ends(step) and nxt != active:
+                out.append(SendAdapters(nxt))
+        elif role.index == nxt and self.turn_ends(step):
+            out.append(RecvAdapters(active))
+        if topo.clients > 1:
+            if last:
+                out.append(ShareAdapters(active))  # the run ends with one model on every client
+            out.append(TurnBarrier())
+        return out
+
+    def before_eval(self, role: Role, step: int) -> list[Instruction]:
+        if role.is_client and self.topology.clients > 1 and step != self.steps - 1:  # the last step already shared
+            return [ShareAdapters(self.active_client(step))]
+        return []
+
+
+SCHEDULES: dict[str, type[Schedule]] = {s.mode: s for s in (CentralizedSchedule, FedLoRASchedule, SplitSchedule,
+                                                             SequentialSchedule)}
