@@ -28,7 +28,6 @@ DEFAULT_PACK_LENGTH = 1024
 
 @dataclass(frozen=True)
 class _Segment:
-    source: int
     row: int  # the source row it came from
     start: int  # its first position in that row: with (source, row), the deterministic tie-break
     length: int
@@ -63,7 +62,7 @@ def _source_segments(mask: torch.Tensor, source: int) -> _SourceSegments:
     counts_list = counts.tolist()
     firsts = (counts.cumsum(0) - counts).tolist()
     first_tokens = tokens[firsts].tolist() if counts_list else []
-    segments = [_Segment(source, f // width, f % width, n) for f, n in zip(first_tokens, counts_list)]
+    segments = [_Segment(f // width, f % width, n) for f, n in zip(first_tokens, counts_list)]
     return _SourceSegments(tokens, counts_list, segments)
 
 
@@ -156,10 +155,10 @@ class PackPlan:
         row_groups: list[int] = []
         row_loads: list[int] = []
         for group in sorted(set(group_of)):
+            # (source, k-th segment of it) in (source, row, start) order: the tie-break order
             items = [(s, j) for s, src in enumerate(sources) if group_of[s] == group
-                     for j in range(len(src.segments))]
-            items.sort(key=lambda it: (it[0], sources[it[0]].segments[it[1]].row,
-                                       sources[it[0]].segments[it[1]].start))
+                     for j in sorted(range(len(src.segments)),
+                                     key=lambda j, src=src: (src.segments[j].row, src.segments[j].start))]
             lengths = [sources[s].segments[j].length for s, j in items]
             for bin_items in _assign_bins(lengths, capacity):
                 offset = 0
