@@ -174,14 +174,19 @@ def test_context_mask_and_left_padding_positions():
     config = tiny_config("llama")
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
     ctx = fam.make_context(config)(mask, torch.bfloat16)
-    assert ctx["position_ids"].tolist() == [[0, 0, 0, 1], [0, 1, 2, 2]]
+    # real tokens count from 0; padding positions mean nothing but must be valid indices
+    real = mask.bool()
+    assert ctx["position_ids"][real].tolist() == [0, 1, 0, 1, 2]
+    assert int(ctx["position_ids"].min()) >= 0
     m = ctx["attention_mask"]
     assert m.shape == (2, 1, 4, 4) and m.dtype == torch.bfloat16
     allowed = m[:, 0] == 0
     for b in range(2):
         for i in range(4):
             for j in range(4):
-                assert allowed[b, i, j].item() == (j <= i and mask[b, j].item() == 1)
+                # a real query sees the real keys up to itself; a padding query only itself
+                expected = (j <= i and mask[b, j].item() == 1) if mask[b, i].item() else i == j
+                assert allowed[b, i, j].item() == expected
     assert (m[~(m == 0)] == torch.finfo(torch.bfloat16).min).all()
     cos, sin = ctx["position_embeddings"]
     assert cos.shape == (2, 4, 8) and cos.dtype == torch.bfloat16

@@ -142,21 +142,34 @@ def construct(factory: Callable[[], nn.Module]) -> nn.Module:
 
 
 def causal_context(attention_mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """position_ids and an explicit additive causal+padding mask [B,1,T,T].
+    """position_ids [B,T] and an explicit additive block-causal mask [B,1,T,T].
+
+    `attention_mask` [B,T] holds SEGMENT IDS: 0 = padding, a positive value = the id of the
+    sequence (segment) the position belongs to, so several sequences can share a packed row
+    (runtime.packing). A plain 0/1 mask is one segment per row, right or left padded.
+    - Query i may attend key j iff j <= i and both carry the same nonzero id (block-diagonal
+      causal). A padding query attends to itself only, so no row of the mask is all-masked.
+    - A token's position is the number of earlier positions of its segment in the row: 0 at a
+      segment's first token. For a 0/1 mask that is the number of real tokens before it, as a
+      single-sequence model numbers them; padding positions get a value >= 0 that means nothing.
+    Both depend on the ids only through "same id", so dropping padding from a row (packing) keeps
+    every real token's mask and position: a packed run computes what the padded one does.
 
     Explicit so it does not depend on the attention implementation: eager attention given no mask
     attends both ways; sdpa only becomes causal when it gets no mask at all.
     """
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be [B,T], got shape {tuple(attention_mask.shape)}")
-    mask = attention_mask.to(torch.long)
-    # cumsum - 1 so that left padding also gets positions 0.. at its first real token
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    t = mask.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
-    allowed = causal[None, None] & mask.bool()[:, None, None, :]  # [B,1,T,T]: key j is a token, j <= i
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
-    additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+    seg = attention_mask.to(torch.long)
+    t = seg.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+    same = seg[:, :, None] == seg[:, None, :]  # [B,T(query),T(key)]
+    real_key = (seg > 0)[:, None, :]
+    allowed = causal & same & (real_key | torch.eye(t, dtype=torch.bool, device=seg.device))
+    # counting (not cumsum from a run start) keeps today's numbering for a 0/1 mask with holes
+    position_ids = (causal & same).sum(-1) - 1  # >= 0: the diagonal always counts
+    additive = torch.zeros((seg.shape[0], 1, t, t), dtype=dtype, device=seg.device)
+    additive.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     return {"position_ids": position_ids, "attention_mask": additive}
 
 
