@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import schedule as S
-from .aggregation import allreduce_weighted_average_, broadcast_, flat_nbytes
+from .federation.fedavg import allreduce_weighted_average_, broadcast_, flat_nbytes
 from .comm import P2P
 from .failures import PeerLost, wait_on
 from .federation.secure import SecureAggregator
 from .privacy.dp import ClientPrivacy
 from .masters import adapter_masters, copy_masters_to_params_
-from .hetero.exchange import exchange_
+from .federation.exchange import exchange_
 from .hetero.importance import ImportanceTracker
 from .stage import SharedBlockGrad, Stage
 from .timing import InstructionClock
@@ -40,7 +40,7 @@ Observer = Callable[[int, "S.Instruction", "StageRunner"], None]
 
 @dataclass
 class Exchange:
-    """Heterogeneous aggregation for this participant (see hetero.exchange): which of its modules
+    """Heterogeneous aggregation for this participant (see federation.exchange): which of its modules
     take part, each one's weight, the method, and the group of every participant."""
 
     modules: set[str]

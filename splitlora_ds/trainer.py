@@ -18,7 +18,7 @@ import yaml
 from . import checkpoint as ckpt
 from . import gather
 from . import hosts
-from .aggregation import sample_weights
+from .federation.fedavg import sample_weights
 from .comm import P2P
 from .config import RunConfig
 from .ds_config import role_ds_config
@@ -27,7 +27,7 @@ from .engine import Exchange, GradClip, Observer, StageRunner
 from .failures import PeerLost
 from .federation.secure import SecureAggregator
 from .privacy.dp import ClientPrivacy
-from .hetero.exchange import layer_of, lora_modules, participant_weights
+from .federation.exchange import layer_of, lora_modules, participant_weights
 from .hetero.importance import ImportanceTracker, replan_, resizable, resize_
 from .schedule import is_aggregation_step
 from .logging import MetricsWriter, Progress
