@@ -40,7 +40,7 @@ Observer = Callable[[int, "S.Instruction", "StageRunner"], None]
 
 @dataclass
 class Exchange:
-    """Heterogeneous aggregation for this participant (see federation.exchange): which of its modules
+    """Heterogeneous aggregation for this participant (see hetero.exchange): which of its modules
     take part, each one's weight, the method, and the group of every participant."""
 
     modules: set[str]
