@@ -30,13 +30,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from . import checkpoint as ckpt
-from .aggregation import fedavg, sample_weights
+from .federation.fedavg import fedavg, sample_weights
 from .config import RunConfig, from_dict
 from .data import load_tokenizer
 from .runtime.schedules import is_aggregation_step
 from .errors import ConfigError
-from .hetero.aggregation import aggregate_state_dicts, factor_names
-from .hetero.exchange import participant_weights
+from .federation.exchange import participant_weights
+from .federation.lowrank import aggregate_state_dicts, factor_names
 from .hetero.setup import ClientSetup, setup_from_dict
 from .models import get_family
 from .models.base import build_layer, strip_peft

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from splitlora_ds.aggregation import fedavg, sample_weights
+from splitlora_ds.federation.fedavg import fedavg, sample_weights
 
 
 def test_sample_weights():

@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from splitlora_ds.hetero.aggregation import refactor
+from splitlora_ds.federation.lowrank import refactor
 from splitlora_ds.models.fused_qkv import PINNED_BUFFER
 
 from test_fused_qkv import H, R, c_attn, tiny_stage

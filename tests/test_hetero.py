@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from _launch import ROOT, check, launch, write_recipe
-from splitlora_ds.hetero.aggregation import Factors, aggregate
+from splitlora_ds.federation.lowrank import Factors, aggregate
 from splitlora_ds.metrics import read_scalars
 
 pytestmark = pytest.mark.launcher

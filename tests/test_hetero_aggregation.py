@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from splitlora_ds.aggregation import fedavg
-from splitlora_ds.hetero.aggregation import Factors, aggregate, aggregate_state_dicts, refactor, stack, zero_pad
+from splitlora_ds.federation.fedavg import fedavg
+from splitlora_ds.federation.lowrank import Factors, aggregate, aggregate_state_dicts, refactor, stack, zero_pad
 
 
 def _parts(ranks, d_out=12, d_in=10, alpha=16.0, seed=0):

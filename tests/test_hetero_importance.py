@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from splitlora_ds.config import LoraConfig
-from splitlora_ds.hetero.exchange import lora_modules
+from splitlora_ds.federation.exchange import lora_modules
 from splitlora_ds.hetero.importance import (ImportanceTracker, allocate_ranks, kendall_distance, replan_,
                                             resizable, resize_)
 from splitlora_ds.models import get_family

@@ -1,2 +1,12 @@
-"""How client adapters are combined across clients (see ../shared/DESIGN.md: aggregation
-strategies live here as they are rebuilt; `secure` masks each client's contribution)."""
+"""How adapters are combined across participants (see ../shared/DESIGN.md). One strategy per
+way of aggregating, each behind `strategy.Aggregator` (`aggregate_(masters) -> bytes uploaded`):
+
+- `fedavg`: FedAvg's pure functions and collectives, and `FedAvg` (one all-reduce of the clients).
+- `secure`: pairwise-masked sums (SecAgg) and `SecureFedAvg`, the same average with masks.
+- `lowrank` / `exchange`: adapters of different ranks (stacked / zero_pad) as pure functions,
+  and `LowRankExchange`, their collective form over the clients (and server stage 0).
+- `private`: `Private`, DP update clipping and noise around FedAvg or SecureFedAvg.
+- `build`: `build_aggregator`, which of them a rank runs.
+
+The sequential hand-over (one client's adapters to the next) is point to point, in the engine.
+"""

@@ -112,3 +112,21 @@ class SecureAggregator:
         for t, value in zip(tensors, _unflatten_dense_tensors(total, list(tensors))):
             t.copy_(value.to(t.dtype))
         return buf.numel() * buf.element_size()
+
+
+class SecureFedAvg:
+    """FedAvg whose sum goes through `SecureAggregator` (the same result to fixed-point
+    resolution). Building it runs the key agreement, a collective of every client in `group`."""
+
+    def __init__(self, index: int, group: Optional[dist.ProcessGroup], clients: int, weight: float,
+                 staging: Optional[torch.device] = None):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"SecureFedAvg weight must be in [0, 1], got {weight}")
+        self.secure = SecureAggregator(index, group, clients)
+        self.weight = weight
+        self.staging = staging
+        # The key agreement: this client's public key goes out once, every client's comes back.
+        self.setup_bytes = (self.secure.key_bytes // clients, self.secure.key_bytes)
+
+    def aggregate_(self, masters: dict[str, torch.Tensor]) -> int:
+        return self.secure.weighted_sum_(list(masters.values()), self.weight, self.staging)

@@ -11,7 +11,7 @@ the important ones within a role's adapter budget (HSplitLoRA's important-weight
 - Shift: the normalised Kendall tau distance between the ranking the current ranks were chosen
   from and the current one (0: same order, 1: reversed).
 - Resize: a module's factors move to a new rank with the update they carry kept (exactly when the
-  rank grows, the best approximation when it shrinks; `aggregation.refactor`).
+  rank grows, the best approximation when it shrinks; `federation.lowrank.refactor`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .aggregation import refactor
-from .exchange import lora_modules
+from ..federation.lowrank import refactor
+from ..federation.exchange import lora_modules
 from .planner import rank_choices
 
 

@@ -35,7 +35,8 @@ from ..topology import Groups, Role
 from . import instructions as I
 from .buffers import MicroBatch
 from .loss import IGNORE, token_loss
-from .packing import DEFAULT_PACK_LENGTH, PackPlan, next_token_targets
+from ..config import DEFAULT_PACK_LENGTH
+from .packing import PackPlan, next_token_targets
 from .schedules import Schedule
 from .stats import EvalStats, StepStats
 

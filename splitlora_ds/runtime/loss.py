@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100  # the target of a position that predicts nothing (prompt, padding, segment end)
+from ..data.examples import IGNORE_INDEX as IGNORE  # a position that predicts nothing (prompt, padding, segment end)
 
 
 @dataclass

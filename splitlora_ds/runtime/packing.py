@@ -19,11 +19,8 @@ from typing import Sequence
 
 import torch
 
-from splitlora_ds.data.examples import IGNORE_INDEX
-
-# The longest packed row unless one segment is longer: long enough that the leftover of the last
-# row stays small against the rest, short enough that the [rows, 1, L, L] mask stays cheap.
-DEFAULT_PACK_LENGTH = 1024
+from ..config import DEFAULT_PACK_LENGTH  # the longest packed row unless one segment is longer
+from ..data.examples import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The collective side of heterogeneous aggregation: every participant (the clients, and server
 stage 0 for the blocks it holds on behalf of clients that cut earlier) gathers every other
-participant's factors and computes its own new ones with `aggregation.aggregate_state_dicts`.
+participant's factors and computes its own new ones with `lowrank.aggregate_state_dicts`.
+`LowRankExchange` is the strategy the engine calls.
 
 Participants may hold different modules and ranks, so the factors travel as an all_gather of
 Python objects (CPU tensors), not as one flat all-reduce. Every participant runs the same
@@ -9,13 +10,14 @@ deterministic arithmetic on the same gathered inputs, so shared results agree ac
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from dataclasses import dataclass
+from typing import Collection, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .aggregation import aggregate_state_dicts, factor_names
+from .lowrank import METHODS, aggregate_state_dicts, factor_names
 
 
 def lora_modules(stage: nn.Module) -> dict[str, tuple[nn.Parameter, nn.Parameter, float]]:
@@ -48,7 +50,7 @@ def participant_weights(modules: Mapping[str, object], client: Optional[int], cl
 def exchange_(stage: nn.Module, weights: Mapping[str, float], modules: set[str], method: str,
               group: Optional[dist.ProcessGroup], masters: Optional[Mapping[str, torch.Tensor]] = None) -> int:
     """Aggregate the adapters of `modules` with every participant of `group`, in place
-    (`aggregation.aggregate_state_dicts` over the gathered state dicts). `masters`: the optimizer's
+    (`lowrank.aggregate_state_dicts` over the gathered state dicts). `masters`: the optimizer's
     full-precision copies by parameter name (bf16 runs), read and written instead of the parameters.
     Returns the bytes of this participant's own adapters (what it uploads, and downloads back)."""
     own = {name: v for name, v in lora_modules(stage).items() if name in modules}
@@ -75,3 +77,53 @@ def _restrict(part: tuple[dict, dict, dict], modules: set[str]) -> tuple[dict, d
     keys = {k for m, ab in factor_names(state).items() if m in modules for k in ab}
     return ({k: v for k, v in state.items() if k in keys}, {m: w for m, w in weights.items() if m in modules},
             {m: s for m, s in scales.items() if m in modules})
+
+
+@dataclass(frozen=True)
+class LowRankSetup:
+    """What a heterogeneous run fixed before training (hetero.setup, partition.SplitPlan): the
+    method, the layer each client's activations enter server stage 0 at, and the blocks server
+    stage 0 holds on behalf of the clients that cut earlier."""
+
+    method: str
+    entry_layers: tuple[int, ...]
+    shared_layers: Collection[int]
+
+
+class LowRankExchange:
+    """Heterogeneous aggregation (different ranks or split points): every participant of `group`
+    gathers the others' factors of the modules it holds and keeps its own result (see exchange_).
+    `stage` is read at every aggregation: an importance re-plan may have changed ranks and scales.
+    `uploads`: whether this participant's adapters travel (a client's do; server stage 0 plays
+    the aggregator, its copies stay put and count as no traffic)."""
+
+    setup_bytes = (0, 0)
+
+    def __init__(self, stage: nn.Module, modules: set[str], weights: Mapping[str, float], method: str,
+                 group: Optional[dist.ProcessGroup], uploads: bool):
+        if method not in METHODS:
+            raise ValueError(f"LowRankExchange method must be one of {METHODS}, got {method!r}")
+        missing = sorted(modules - set(weights))
+        if missing:
+            raise ValueError(f"LowRankExchange weights: no weight for modules {missing}")
+        self.stage = stage
+        self.modules = set(modules)
+        self.weights = dict(weights)
+        self.method = method
+        self.group = group
+        self.uploads = uploads
+
+    @classmethod
+    def for_participant(cls, stage: nn.Module, client: Optional[int], setup: LowRankSetup,
+                        client_weights: list[float], group: Optional[dist.ProcessGroup]) -> "LowRankExchange":
+        """Client `client`'s exchange over all its adapters, or (client None) server stage 0's over
+        the shared blocks it holds for others."""
+        modules = set(lora_modules(stage))
+        if client is None:
+            modules = {m for m in modules if layer_of(m) in setup.shared_layers}
+        weights = participant_weights(modules, client, client_weights, list(setup.entry_layers))
+        return cls(stage, modules, weights, setup.method, group, uploads=client is not None)
+
+    def aggregate_(self, masters: dict[str, torch.Tensor]) -> int:
+        nbytes = exchange_(self.stage, self.weights, self.modules, self.method, self.group, masters)
+        return nbytes if self.uploads else 0

@@ -1,7 +1,8 @@
-"""Adapter aggregation: FedAvg as pure functions over state dicts, and its all-reduce form.
+"""FedAvg: pure functions over state dicts, their all-reduce form, and the `FedAvg` strategy.
 
 The pure functions define the arithmetic and are tested against hand-computed numbers; the
 collective form computes the same weighted sum across the client group in one all-reduce.
+`broadcast_` (one rank's adapters to every client) lives here for the same flat-buffer reason.
 """
 
 from __future__ import annotations
@@ -71,3 +72,24 @@ def broadcast_(tensors: Sequence[torch.Tensor], src: int, group: Optional[dist.P
     dist.broadcast(flat, src=src, group=group)
     for t, value in zip(tensors, _unflatten_dense_tensors(flat, list(tensors))):
         t.copy_(value)
+
+
+class FedAvg:
+    """Weighted averaging of equal-shaped client adapters: one all-reduce in the client group.
+    `weight`: this client's n_c / sum(n); `staging`: where the flat buffer travels from (host
+    memory under gloo)."""
+
+    setup_bytes = (0, 0)
+
+    def __init__(self, weight: float, group: Optional[dist.ProcessGroup], staging: Optional[torch.device] = None):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"FedAvg weight must be in [0, 1], got {weight}")
+        self.weight = weight
+        self.group = group
+        self.staging = staging
+
+    def aggregate_(self, masters: dict[str, torch.Tensor]) -> int:
+        tensors = list(masters.values())
+        allreduce_weighted_average_(tensors, self.weight, self.group, self.staging)
+        # Counted as a FedAvg server would see it: each client uploads its adapters once.
+        return flat_nbytes(tensors)
