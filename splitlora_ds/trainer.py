@@ -36,7 +36,7 @@ from .plan_report import setup_report
 from .prepare import Prepared
 from .run_summary import RunSummary, current_rss_bytes
 from .stage import build_stage, save_adapters
-from .topology import SingleRankMPU, Topology, init_distributed, make_groups, select_device, share_cpu_threads
+from .topology import SingleRankMPU, init_distributed, make_groups, select_device, share_cpu_threads
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

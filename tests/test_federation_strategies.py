@@ -12,7 +12,6 @@ from splitlora_ds.federation.exchange import LowRankExchange, LowRankSetup
 from splitlora_ds.federation.fedavg import FedAvg
 from splitlora_ds.federation.lowrank import Factors, aggregate
 from splitlora_ds.federation.private import Private
-from splitlora_ds.federation.secure import SecureFedAvg
 from splitlora_ds.privacy.dp import ClientPrivacy, clip_update_
 from splitlora_ds.topology import Groups, Role
 
