@@ -75,6 +75,15 @@ class P2P:
         self.bytes_received = 0
         self.adapter_bytes_sent = 0  # of bytes_sent: adapters (FedAvg uploads, sequential hand-overs)
 
+    def state_dict(self) -> dict[str, int]:
+        """The byte counters (a resumed run continues its comm/ curves)."""
+        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "adapter_bytes_sent": self.adapter_bytes_sent}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.bytes_sent, self.bytes_received = int(state["bytes_sent"]), int(state["bytes_received"])
+        self.adapter_bytes_sent = int(state["adapter_bytes_sent"])
+
     def _to_wire(self, t: torch.Tensor, exact: bool) -> torch.Tensor:
         t = t.detach()
         if self.wire_dtype is not None and t.is_floating_point() and not exact:

@@ -100,10 +100,12 @@ class SplitConfig:
     wire_dtype: Optional[str] = None  # dtype of activations/gradients on the wire; None: as computed
     # M: each step's batch runs as M micro-batches through a 1F1B pipeline (clients and server
     # stages work at once); gradients accumulate, one optimizer step per step: the same math as 1.
-    micro_batches: int = DEFAULT_MICRO_BATCHES
+    # null: DEFAULT_MICRO_BATCHES, or train.batch_size if that is smaller.
+    micro_batches: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _require(self.micro_batches >= 1, "split.micro_batches", self.micro_batches, "must be >= 1")
+        _require(self.micro_batches is None or self.micro_batches >= 1, "split.micro_batches", self.micro_batches,
+                 "must be >= 1 or null")
         ks = self.client_layers if isinstance(self.client_layers, list) else [self.client_layers]
         _require(len(ks) > 0 and all(k >= 1 for k in ks), "split.client_layers", self.client_layers,
                  "each client needs at least one transformer block")
@@ -354,11 +356,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", self.mode, f"use one of {', '.join(MODES)}")
         # Gathered adapters go into server0's last checkpoint: there must be both.
-        _require(self.train.batch_size >= self.split.micro_batches, "split.micro_batches", self.split.micro_batches,
+        _require(self.split.micro_batches is None or self.train.batch_size >= self.split.micro_batches,
+                 "split.micro_batches", self.split.micro_batches,
                  f"is more than train.batch_size ({self.train.batch_size}): a micro-batch needs at least one row")
         _require(not self.checkpoint.gather_adapters or self.checkpoint.dir is not None, "checkpoint.gather_adapters",
                  True, "writes into server0's checkpoint folder; set checkpoint.dir")
-        _require(self.train.batch_size >= self.split.micro_batches, "split.micro_batches", self.split.micro_batches,
+        _require(self.split.micro_batches is None or self.train.batch_size >= self.split.micro_batches,
+                 "split.micro_batches", self.split.micro_batches,
                  f"is more than train.batch_size ({self.train.batch_size}): a micro-batch needs at least one row")
         _require(not self.checkpoint.gather_adapters or self.mode in ("split", "sequential"),
                  "checkpoint.gather_adapters", True, f"needs a server to gather to; mode={self.mode} has none")
@@ -410,6 +414,13 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def micro_batches(self) -> int:
+        """split.micro_batches, resolved: M micro-batches per step."""
+        if self.split.micro_batches is not None:
+            return self.split.micro_batches
+        return min(DEFAULT_MICRO_BATCHES, self.train.batch_size)
 
     @property
     def world_size(self) -> int:

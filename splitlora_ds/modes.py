@@ -46,8 +46,13 @@ class Mode:
 
     @property
     def serves_all_clients(self) -> bool:
-        """Server stage 0 serves every client in each step (not one at a time)."""
+        """Every client trains in each step (not one at a time)."""
         return True
+
+    @property
+    def averages_adapters(self) -> bool:
+        """Client adapters are aggregated every I steps (FedAvg or the low-rank exchange)."""
+        return False
 
     def schedule(self, aggregate_every: int, max_steps: int, micro_batches: int = 1,
                  server_aggregates: bool = False, clip_global: bool = False) -> Schedule:
@@ -58,6 +63,10 @@ class Mode:
 @dataclass(frozen=True)
 class Split(Mode):
     name: ClassVar[str] = "split"
+
+    @property
+    def averages_adapters(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,10 @@ class FedLoRA(Mode):
 
     @property
     def whole_model_clients(self) -> bool:
+        return True
+
+    @property
+    def averages_adapters(self) -> bool:
         return True
 
 

@@ -68,7 +68,7 @@ class Prepared:
 
     @property
     def schedule(self) -> Schedule:
-        return self.mode.schedule(self.cfg.federation.aggregate_every, self.max_steps, self.cfg.split.micro_batches,
+        return self.mode.schedule(self.cfg.federation.aggregate_every, self.max_steps, self.cfg.micro_batches,
                                   server_aggregates=self.setup is not None and self.setup.shared_blocks,
                                   clip_global=self.clip_global)
 

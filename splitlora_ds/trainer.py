@@ -34,10 +34,13 @@ from .runtime.schedules import is_aggregation_step
 from .metrics import MetricsWriter, Progress
 from .plan_report import setup_report
 from .prepare import Prepared
+from .rank_state import load_state, rank_parts, save_state
 from .run_summary import RunSummary, current_rss_bytes
 from .stage import build_stage, save_adapters
 from .topology import SingleRankMPU, init_distributed, make_groups, select_device, share_cpu_threads
 
+# Each rank's dropout stream: seed + stride x rank (a prime, so no two ranks' streams coincide).
+_RANK_SEED_STRIDE = 100_003
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,7 +58,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     schedule = prep.schedule
     groups = make_groups(layout, prep.rank, timeout, server_aggregates=setup is not None and setup.shared_blocks,
                          clip_sets=schedule.clip_rank_sets())
-    torch.manual_seed(cfg.train.seed + 100_003 * prep.rank)  # dropout differs per rank
+    torch.manual_seed(cfg.train.seed + _RANK_SEED_STRIDE * prep.rank)  # dropout differs per rank
 
     rss_before_model = current_rss_bytes()
     stage = build_stage(prep.family, prep.hf_config, prep.stage_plan, cfg.lora, cfg.train.seed,
@@ -78,7 +81,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     clip = None
     if prep.clip_global:
         # A sequential client trains alone with the server in its turn: its gradient is all there is.
-        clip_weight = weight if role.is_client and cfg.mode != "sequential" else 1.0
+        clip_weight = weight if role.is_client and mode.serves_all_clients else 1.0
         clip = GradClip(float(prep.ds_config["gradient_clipping"]), clip_weight, groups.clip)
 
     wire = _DTYPES[cfg.split.wire_dtype] if cfg.split.wire_dtype else None
@@ -225,7 +228,7 @@ def _aggregator(prep: Prepared, stage, groups, client_weights: list[float], stag
     if setup is not None and setup.exchanges:
         lowrank = LowRankSetup(setup.aggregation, tuple(prep.plan.entry_layers), prep.plan.shared_layers)
     return build_aggregator(prep.role, prep.topology.clients, groups, stage, client_weights, staging,
-                            averages=cfg.mode in ("split", "fedlora"), lowrank=lowrank,
+                            averages=prep.mode.averages_adapters, lowrank=lowrank,
                             secure=cfg.federation.secure_aggregation, privacy=privacy)
 
 
@@ -235,11 +238,7 @@ def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, s
     then prunes its own old parts; no rank reads another's files (hosts need not share a disk)."""
     cfg = prep.cfg
     directory = ckpt.step_dir(cfg.checkpoint.dir, steps_done)
-    scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else {}
-    state = {"optimizer": engine.optimizer.state_dict(), "scheduler": scheduler, "rng": ckpt.rng_state(),
-             "data": [s.state_dict() for s in prep.streams], "bytes": [p2p.bytes_sent, p2p.bytes_received, p2p.adapter_bytes_sent],
-             "importance": tracker.state_dict() if tracker is not None else None,
-             "privacy": privacy.state_dict() if privacy is not None else None}
+    state = save_state(rank_parts(engine, p2p, prep.streams, tracker, privacy))
     adapters = stage.adapter_parameters()
     ckpt.save_rank(directory, prep.role.name, adapters, state)
     layout = prep.mode.layout
@@ -293,25 +292,11 @@ def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[Importan
         saved = loaded.adapters.get(f"{module}.lora_A.default.weight")
         if saved is not None and saved.shape[0] != rank:
             resize_(stage, module, saved.shape[0])
-    if tracker is not None and loaded.state.get("importance"):
-        tracker.load_state_dict(loaded.state["importance"])
-    if privacy is not None and loaded.state.get("privacy"):
-        privacy.load_state_dict(loaded.state["privacy"])
     params = stage.adapter_parameters()  # the same names as the checkpoint's (prepare checked)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(loaded.adapters[name].to(p.device, p.dtype))
-    engine.optimizer.load_state_dict(loaded.state["optimizer"])
-    if engine.lr_scheduler is not None and loaded.state["scheduler"]:
-        engine.lr_scheduler.load_state_dict(loaded.state["scheduler"])
-        # DeepSpeed's schedulers restore only their iteration; set the rate for it now, so a run
-        # resumed with a longer train.max_steps follows its new schedule from the first step.
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_lr()):
-            group["lr"] = lr
-    for stream, state in zip(prep.streams, loaded.state["data"]):
-        stream.load_state_dict(state)
-    p2p.bytes_sent, p2p.bytes_received, p2p.adapter_bytes_sent = loaded.state["bytes"]
-    ckpt.set_rng_state(loaded.state["rng"])
+    load_state(rank_parts(engine, p2p, prep.streams, tracker, privacy), loaded.state)
     engine.global_steps = loaded.step
     return loaded.step
 

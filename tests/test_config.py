@@ -67,6 +67,11 @@ def test_model_config_is_free_form_and_overridable(tmp_path):
     ("", ["lora.fused_qkv=[q, v]", "federation.budgets=[{flops: 1}, {flops: 2}]"],
      "cannot be combined with federation.budgets"),
     ("", ["train.clip_scope=server"], "train.clip_scope: 'server' is invalid; use global or role"),
+    # pipeline and packing
+    ("", ["split.micro_batches=0"], "split.micro_batches: 0 is invalid; must be >= 1 or null"),
+    ("", ["split.micro_batches=9", "train.batch_size=8", "train.max_steps=2"], "split.micro_batches: 9 is invalid; is more than "
+                                                          "train.batch_size (8)"),
+    ("", ["train.pack_length=0"], "train.pack_length: 0 is invalid"),
     # secure aggregation: FedAvg of equal clients only
     ("", ["federation.secure_aggregation=true", "federation.clients=1"], "needs at least 2 clients"),
     ("", ["federation.secure_aggregation=true", "mode=sequential"], "mode=sequential has no aggregation"),
@@ -117,3 +122,9 @@ def test_gathering_adapters_needs_a_checkpoint_dir_and_a_server(tmp_path):
         load_config(recipe, ["checkpoint.dir=ckpt", "mode=fedlora"])
     cfg = load_config(recipe, ["checkpoint.dir=ckpt", "log.gather=true"])
     assert cfg.checkpoint.gather_adapters and cfg.log.gather
+
+
+def test_micro_batches_default_to_four_or_the_batch_size():
+    assert load_config(None, ["train.max_steps=2", "train.batch_size=8"]).micro_batches == 4
+    assert load_config(None, ["train.max_steps=2", "train.batch_size=2"]).micro_batches == 2
+    assert load_config(None, ["train.max_steps=2", "train.batch_size=8", "split.micro_batches=8"]).micro_batches == 8

@@ -1,4 +1,6 @@
-"""With one client, I = 1 and plain SGD, split training is centralized LoRA, number for number."""
+"""With one client, I = 1 and plain SGD, split training is centralized LoRA, number for number:
+the split runs pipeline M = 4 micro-batches and pack their rows; the centralized reference runs
+each step's batch whole (M = 1), so this also shows that micro-batching leaves the math alone."""
 
 import pytest
 
@@ -15,7 +17,8 @@ EVAL = {"data": {"num_samples": 64, "validation_fraction": 0.25}, "eval": {"ever
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def centralized(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"central-{request.param}")
-    recipe = write_recipe(tmp, request.param, mode="centralized", train={"output_dir": str(tmp / "out")}, **EVAL)
+    recipe = write_recipe(tmp, request.param, mode="centralized", train={"output_dir": str(tmp / "out")},
+                          split={"micro_batches": 1}, **EVAL)
     check(run_single(["--recipe", str(recipe)]))
     return (request.param, scalars(tmp / "tb" / "centralized"), load_adapters(tmp / "out", ["centralized"]),
             scalars(tmp / "tb" / "centralized", "eval/loss"))
@@ -24,7 +27,8 @@ def centralized(request, tmp_path_factory):
 @pytest.mark.parametrize("server_stages,client_layers", [(1, 2), (2, 1)])
 def test_split_equals_centralized(centralized, tmp_path, server_stages, client_layers):
     family, ref_losses, ref_adapters, ref_eval = centralized
-    recipe = write_recipe(tmp_path, family, split={"client_layers": client_layers, "server_stages": server_stages},
+    recipe = write_recipe(tmp_path, family, split={"client_layers": client_layers, "server_stages": server_stages,
+                                                   "micro_batches": 4},
                           train={"output_dir": str(tmp_path / "out")}, **EVAL)
     check(launch(1 + server_stages, ["--recipe", str(recipe)]))
     last = f"server{server_stages - 1}"
