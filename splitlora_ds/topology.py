@@ -88,15 +88,6 @@ def select_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def share_cpu_threads() -> None:
-    """Without OMP_NUM_THREADS every CPU rank uses all cores and the ranks of one machine slow
-    each other down many times over; give each local rank its share instead."""
-    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
-        return
-    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
-
-
 def init_distributed(timeout_s: float, backend: str = "auto") -> None:
     """Start torch.distributed through DeepSpeed with a bounded timeout.
 

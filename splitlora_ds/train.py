@@ -10,9 +10,15 @@ import argparse
 import os
 import sys
 
-from .config import load_config
-from .errors import ConfigError
-from .failures import EXIT_PEER_LOST, PeerLost
+# CPU ranks that share a machine's cores: a waiting rank's OpenMP threads must sleep at once
+# instead of spinning (libgomp's default), so that whichever rank computes gets the cores
+# (README, "Threads on a shared CPU"). libgomp reads this when torch loads: before any import
+# that loads torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .config import load_config  # noqa: E402
+from .errors import ConfigError  # noqa: E402
+from .failures import EXIT_PEER_LOST, PeerLost  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

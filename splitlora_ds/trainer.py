@@ -37,7 +37,7 @@ from .prepare import Prepared
 from .rank_state import load_state, rank_parts, save_state
 from .run_summary import RunSummary, current_rss_bytes
 from .stage import build_stage, save_adapters
-from .topology import SingleRankMPU, init_distributed, make_groups, select_device, share_cpu_threads
+from .topology import SingleRankMPU, init_distributed, make_groups, select_device
 
 # Each rank's dropout stream: seed + stride x rank (a prime, so no two ranks' streams coincide).
 _RANK_SEED_STRIDE = 100_003
@@ -47,7 +47,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     cfg, role, topology = prep.cfg, prep.role, prep.topology
     std_logging.getLogger("DeepSpeed").setLevel(std_logging.WARNING)
-    share_cpu_threads()
     init_distributed(cfg.dist.timeout_s, cfg.dist.backend)
     device = select_device(prep.local_rank)  # before the first collective: nccl gathers objects on it
     _agree_across_hosts(prep)

@@ -44,8 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                    help="threads of the centralized run in the co-located row (default: every core)")
-    p.add_argument("--colocated-threads", type=int, default=1,
-                   help="threads per rank of the co-located split run (default 1)")
+    p.add_argument("--colocated-threads", type=int, default=os.cpu_count() or 1,
+                   help="threads per rank of the co-located split run (default: every core; waiting "
+                        "ranks sleep, see README 'Threads on a shared CPU')")
     p.add_argument("--only", default="overhead,batching,footprint,pipeline,colocated", help=f"row groups to run (default all: {','.join(GROUPS)})")
     return p.parse_args(argv)
 
