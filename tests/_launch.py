@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
+from _zygote import Zygote
 from splitlora_ds.bench.runs import free_port
 from splitlora_ds.metrics import read_scalars
 
@@ -31,16 +33,28 @@ def rank_env() -> dict:
     return env
 
 
+@functools.cache
+def _zygote() -> Zygote:
+    return Zygote(ROOT)
+
+
 def launch(nprocs: int, args: list[str], script: str | None = None, timeout: float = 300,
-           cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `deepspeed --num_gpus N` on splitlora_ds.train (or a script) with its own master port
-    (in `cwd`, the project root unless given; `env`: rank_env() unless given)."""
+           cwd: Path | None = None, env: dict | None = None, real: bool = False) -> subprocess.CompletedProcess:
+    """Run N ranks of splitlora_ds.train (or a script) with their own master port (in `cwd`, the
+    project root unless given; `env`: rank_env() unless given): forked from a process that has
+    imported everything already (tests/_zygote.py), or, `real`, under `deepspeed --num_gpus N`."""
+    if not real:
+        return _zygote().run(nprocs, args, script, timeout, cwd or ROOT, env or rank_env())
     target = [script] if script else ["--module", "splitlora_ds.train"]
     cmd = [deepspeed_bin(), "--num_gpus", str(nprocs), "--master_port", str(free_port()), *target, *args]
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env or rank_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def run_single(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run_single(args: list[str], timeout: float = 300, real: bool = False) -> subprocess.CompletedProcess:
+    """One process without launcher variables (mode=centralized), forked like `launch`'s ranks,
+    or, `real`, as `python -m splitlora_ds.train`."""
+    if not real:
+        return _zygote().run(1, args, None, timeout, ROOT, rank_env(), ranks_env=False)
     cmd = [sys.executable, "-m", "splitlora_ds.train", *args]
     return subprocess.run(cmd, cwd=ROOT, env=rank_env(), capture_output=True, text=True, timeout=timeout)
 

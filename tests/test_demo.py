@@ -9,8 +9,9 @@ pytestmark = pytest.mark.launcher
 
 
 def test_tiny_cpu_demo_trains_and_logs(tmp_path):
+    # the README's command, under the real deepspeed launcher
     proc = launch(3, ["--recipe", str(ROOT / "recipes/tiny-cpu.yaml"), "--set", "train.max_steps=40",
-                      "--set", f"log.dir={tmp_path}"])
+                      "--set", f"log.dir={tmp_path}"], real=True)
     check(proc)
     assert "mode=split: 2 clients + 1 server stage(s)" in proc.stdout
 
