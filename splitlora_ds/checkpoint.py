@@ -136,7 +136,11 @@ def prune(root: str | os.PathLike, role_name: str, keep: int) -> None:
                 (old / name).unlink()
             except FileNotFoundError:
                 pass
-        if not any(old.glob(f"*{MARK}")):
+        try:
+            unmarked = not any(old.glob(f"*{MARK}"))
+        except FileNotFoundError:  # ranks sharing the folder: another one removed it meanwhile
+            continue
+        if unmarked:
             shutil.rmtree(old, ignore_errors=True)
 
 

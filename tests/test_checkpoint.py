@@ -63,6 +63,23 @@ def test_prune_keeps_the_newest(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000003", "step-000004"]
 
 
+def test_prune_tolerates_a_folder_another_rank_removed_meanwhile(tmp_path, monkeypatch):
+    """Ranks sharing a checkpoint folder prune at the same time: the last one to leave a step
+    folder removes it while another may be looking into it."""
+    for s in (1, 2, 3):
+        save(tmp_path, s)
+    real_glob = type(tmp_path).glob
+
+    def glob_after_removal(self, pattern):
+        if self.name == "step-000001":
+            raise FileNotFoundError(str(self))  # what os.scandir says once the folder is gone
+        return real_glob(self, pattern)
+
+    monkeypatch.setattr(type(tmp_path), "glob", glob_after_removal)
+    ckpt.prune(tmp_path, "client0", keep=2)
+    assert [p.name for p in ckpt.rank_checkpoints(tmp_path, "client0")] == ["step-000002", "step-000003"]
+
+
 def test_per_host_folders_and_pruning(tmp_path):
     # Two hosts, no shared disk: each folder holds one role's parts and is complete for it only.
     a, b = tmp_path / "host-a", tmp_path / "host-b"
