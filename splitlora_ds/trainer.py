@@ -29,8 +29,8 @@ from .federation.fedavg import sample_weights
 from .runtime.executor import Executor, GradClip, Hetero, Observer, Packing, RoleParts
 from .failures import PeerLost
 from .privacy.dp import ClientPrivacy
-from .hetero.importance import ImportanceTracker, replan_, resizable, resize_
-from .runtime.schedules import is_aggregation_step
+from .hetero.importance import ImportanceTracker, resizable, resize_
+from .hetero.replan import ImportanceReplan
 from .metrics import MetricsWriter, Progress
 from .plan_report import setup_report
 from .prepare import Prepared
@@ -86,7 +86,6 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     wire = _DTYPES[cfg.split.wire_dtype] if cfg.split.wire_dtype else None
     p2p = P2P(device, wire, staging)
     tracker = ImportanceTracker(cfg.importance.beta) if cfg.importance.enabled else None
-    replans = cfg.importance.replan_threshold is not None  # bf16 refused in prepare: torch optimizer here
     privacy = None
     if role.is_client and (cfg.privacy.activation_clip is not None or cfg.privacy.update_clip is not None):
         privacy = ClientPrivacy(cfg.privacy, cfg.train.batch_size / prep.num_samples, topology.clients,
@@ -122,6 +121,11 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
         writer.text(f"client{c}/label_histogram", str(prep.data_plan.histograms[c]))
 
     max_steps = schedule.steps
+    replan = None  # bf16 is refused with re-planning in prepare: a plain torch optimizer here
+    if tracker is not None and cfg.importance.replan_threshold is not None:
+        replan = ImportanceReplan(stage, tracker, prep.lora_rank, cfg.importance.replan_threshold,
+                                  cfg.importance.max_rank_factor, engine.optimizer, cfg.federation.aggregate_every,
+                                  max_steps)
     params, trainable = stage.parameter_counts()
     summary = RunSummary(role.name, cfg.mode, params=params, trainable_params=trainable,
                          rss_before_model_bytes=rss_before_model)
@@ -141,14 +145,11 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
             values.update(privacy.epsilons())
         if tracker is not None:
             values.update({f"importance/{m}": v for m, v in tracker.scores.items()})
-            if replans and is_aggregation_step(step, cfg.federation.aggregate_every, max_steps) and step < max_steps - 1:
-                values["importance/shift"] = shift = tracker.shift()
-                if shift > cfg.importance.replan_threshold:
-                    changed = replan_(stage, tracker, prep.lora_rank, cfg.importance.max_rank_factor, engine.optimizer)
-                    values["importance/resized_modules"] = len(changed)
-                    if changed:
-                        writer.text("importance/replan", f"after step {step + 1} (ranking shift {shift:.2f}): "
-                                    + ", ".join(f"{m}: r={r}" for m, r in changed.items()), step)
+        if replan is not None:
+            figures, changed = replan.after_step(step)
+            values.update(figures)
+            if changed:
+                writer.text("importance/replan", changed, step)
         if stats.loss is not None:
             values.update({"train/loss": stats.loss, "train/tokens": stats.tokens,
                            "train/tokens_per_s": stats.tokens / max(stats.seconds, 1e-9)})

@@ -95,3 +95,20 @@ def test_replan_moves_rank_to_the_important_modules_within_the_budget():
     out = stage(torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.long))
     out.sum().backward()
     optimizer.step()  # the optimizer takes the resized parameters
+
+
+def test_replan_hook_runs_after_aggregation_steps_only_and_past_the_threshold(monkeypatch):
+    from splitlora_ds.hetero import replan as hook
+
+    calls = []
+    monkeypatch.setattr(hook, "replan_", lambda *a: calls.append(a) or {"layers.1.attn.c_attn": 6})
+    tracker = type("T", (), {"shift": lambda self: 0.5})()
+    plan = hook.ImportanceReplan(None, tracker, 4, threshold=0.3, max_rank_factor=2, optimizer=None,
+                                 aggregate_every=2, max_steps=6)
+    assert plan.after_step(0) == ({}, None)  # not an aggregation step
+    values, text = plan.after_step(1)
+    assert values == {"importance/shift": 0.5, "importance/resized_modules": 1}
+    assert text == "after step 2 (ranking shift 0.50): layers.1.attn.c_attn: r=6" and len(calls) == 1
+    assert plan.after_step(5) == ({}, None)  # the last step: nothing would train with a new plan
+    plan.threshold = 0.6
+    assert plan.after_step(3) == ({"importance/shift": 0.5}, None) and len(calls) == 1

@@ -1,7 +1,7 @@
 """Micro-batching changes when work happens, not what is computed: M = 1 and M = 4 give the same
-train/loss and final adapters (fp32, plain SGD, 1e-5) in heterogeneous split (S = 2) and
-sequential (S = 1) runs. Split with S = 1 and S = 2 at M = 4 equals the centralized model at
-M = 1 in test_split_exactness.py."""
+train/loss and final adapters (fp32, plain SGD, 1e-5) in split, heterogeneous split and
+sequential runs, with S = 1 and S = 2 (two clients, FedAvg every 2 steps). Split at M = 4 also
+equals the centralized model at M = 1 in test_split_exactness.py."""
 
 import pytest
 
@@ -11,8 +11,12 @@ pytestmark = pytest.mark.launcher
 
 CASES = {
     # name: (mode, client_layers, server_stages)
-    "hetero-S2": ("split", [1, 2], 2),  # server stage 0 also runs block 1 for client 0
+    "split-S1": ("split", 2, 1),
+    "split-S2": ("split", 1, 2),
+    "hetero-S1": ("split", [1, 2], 1),  # the server also runs block 1 for client 0
+    "hetero-S2": ("split", [1, 2], 2),
     "sequential-S1": ("sequential", 2, 1),
+    "sequential-S2": ("sequential", 1, 2),
 }
 
 
