@@ -27,6 +27,7 @@ from .federation.exchange import LowRankSetup
 from .federation.strategy import Aggregator
 from .federation.fedavg import sample_weights
 from .runtime.executor import Executor, GradClip, Hetero, Observer, Packing, RoleParts
+from .runtime.stats import EvalStats, StepStats
 from .failures import PeerLost
 from .privacy.dp import ClientPrivacy
 from .hetero.importance import ImportanceTracker, resizable, resize_
@@ -39,6 +40,8 @@ from .run_summary import RunSummary, current_rss_bytes
 from .stage import build_stage, save_adapters
 from .topology import SingleRankMPU, init_distributed, make_groups, select_device
 
+# eval/ppl = exp(loss), capped so a diverged run logs a large number instead of inf.
+_MAX_LOG_PPL = 50.0
 # Each rank's dropout stream: seed + stride x rank (a prime, so no two ranks' streams coincide).
 _RANK_SEED_STRIDE = 100_003
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -107,19 +110,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     main = prep.rank == mode.main_rank
     # purge_step: a resumed run replaces whatever the first run logged after its checkpoint.
     writer = MetricsWriter(cfg.log.dir, role.name, purge_step=start if start else None)
-    if main:
-        _announce(prep)
-        if start:
-            print(f"[splitlora_ds] resumed at step {start} from {prep.resume.directory}", flush=True)
-        writer.text("config", f"```\n{_yaml(cfg)}\n```")
-        writer.text("data", f"```\n{prep.data_plan.describe()}\n```")
-        if setup is not None and (setup.exchanges or setup.plan_text):
-            writer.text("clients", f"```\n{setup_report(setup)}\n```")
-    if role.is_client and not start:
-        c = role.index
-        writer.scalars(0, {f"client{c}/samples": prep.num_samples, f"client{c}/fedavg_weight": weight})
-        writer.text(f"client{c}/label_histogram", str(prep.data_plan.histograms[c]))
-
+    _log_run_start(prep, writer, main, start, weight)
     max_steps = schedule.steps
     replan = None  # bf16 is refused with re-planning in prepare: a plain torch optimizer here
     if tracker is not None and cfg.importance.replan_threshold is not None:
@@ -135,12 +126,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
         stats = summary.count_flops(lambda: runner.train_step(step))
         summary.add_step(stats.seconds, stats.compute_seconds, stats.tokens if stats.loss is not None else 0,
                          stats.positions, stats.real_tokens)
-        values = {"time/step_s": stats.seconds, "time/compute_s": stats.compute_seconds, "train/lr": stats.lr,
-                  "comm/bytes_sent": p2p.bytes_sent, "comm/bytes_received": p2p.bytes_received}
-        if role.is_client:
-            values["comm/adapter_bytes_sent"] = p2p.adapter_bytes_sent
-        if stats.grad_norm is not None:
-            values["train/grad_norm"] = stats.grad_norm
+        values = _step_values(stats, p2p, role)
         if privacy is not None:
             values.update(privacy.epsilons())
         if tracker is not None:
@@ -150,24 +136,14 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
             values.update(figures)
             if changed:
                 writer.text("importance/replan", changed, step)
-        if stats.loss is not None:
-            values.update({"train/loss": stats.loss, "train/tokens": stats.tokens,
-                           "train/tokens_per_s": stats.tokens / max(stats.seconds, 1e-9)})
-            for c, (loss, tokens) in enumerate(zip(stats.client_loss, stats.client_tokens)):
-                if tokens:  # a sequential server serves one client per step
-                    values[f"client{c}/loss"] = loss
-                    values[f"client{c}/tokens"] = tokens
         progress.update(step, stats, print_line=step % cfg.log.print_every == 0 or step == max_steps - 1)
         if prep.num_eval_batches and schedule.is_eval_step(step, cfg.eval.every):
             result = runner.evaluate(prep.eval_batches, prep.num_eval_batches, step)
             if result is not None:
                 summary.eval_seconds += result.seconds
-                ppl = math.exp(min(result.loss, 50.0))
-                values.update({"eval/loss": result.loss, "eval/ppl": ppl, "eval/tokens": result.tokens})
-                for c, loss in enumerate(result.client_loss):
-                    values[f"client{c}/eval_loss"] = loss
-                progress.write(f"[splitlora_ds] eval after step {step + 1}: loss {result.loss:.4f}  ppl {ppl:.2f}  "
-                               f"({result.tokens} tokens, {result.seconds:.1f} s)")
+                values.update(_eval_values(result))
+                progress.write(f"[splitlora_ds] eval after step {step + 1}: loss {result.loss:.4f}  "
+                               f"ppl {values['eval/ppl']:.2f}  ({result.tokens} tokens, {result.seconds:.1f} s)")
         writer.scalars(step, values)
         every = schedule.every(cfg.checkpoint.every)
         if cfg.checkpoint.dir and (step == max_steps - 1 or (every and (step + 1) % every == 0)):
@@ -192,6 +168,49 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
               f"TensorBoard: tensorboard --logdir {cfg.log.dir}", flush=True)
     _barrier(prep, max_steps, "the end of the run")
     dist.destroy_process_group()
+
+
+def _log_run_start(prep: Prepared, writer: MetricsWriter, main: bool, start: int, weight: float) -> None:
+    """What the run is, once: the console plan and the recipe, data and clients as TensorBoard text
+    (main rank); each client's sample count, FedAvg weight and label histogram."""
+    cfg, role = prep.cfg, prep.role
+    if main:
+        _announce(prep)
+        if start:
+            print(f"[splitlora_ds] resumed at step {start} from {prep.resume.directory}", flush=True)
+        writer.text("config", f"```\n{_yaml(cfg)}\n```")
+        writer.text("data", f"```\n{prep.data_plan.describe()}\n```")
+        if prep.setup is not None and (prep.setup.exchanges or prep.setup.plan_text):
+            writer.text("clients", f"```\n{setup_report(prep.setup)}\n```")
+    if role.is_client and not start:
+        c = role.index
+        writer.scalars(0, {f"client{c}/samples": prep.num_samples, f"client{c}/fedavg_weight": weight})
+        writer.text(f"client{c}/label_histogram", str(prep.data_plan.histograms[c]))
+
+
+def _step_values(stats: StepStats, p2p: P2P, role) -> dict[str, float]:
+    """A training step's TensorBoard scalars (see README, 'Metrics')."""
+    values = {"time/step_s": stats.seconds, "time/compute_s": stats.compute_seconds, "train/lr": stats.lr,
+              "comm/bytes_sent": p2p.bytes_sent, "comm/bytes_received": p2p.bytes_received}
+    if role.is_client:
+        values["comm/adapter_bytes_sent"] = p2p.adapter_bytes_sent
+    if stats.grad_norm is not None:
+        values["train/grad_norm"] = stats.grad_norm
+    if stats.loss is not None:
+        values.update({"train/loss": stats.loss, "train/tokens": stats.tokens,
+                       "train/tokens_per_s": stats.tokens / max(stats.seconds, 1e-9)})
+        for c, (loss, tokens) in enumerate(zip(stats.client_loss, stats.client_tokens)):
+            if tokens:  # a sequential server serves one client per step
+                values[f"client{c}/loss"] = loss
+                values[f"client{c}/tokens"] = tokens
+    return values
+
+
+def _eval_values(result: EvalStats) -> dict[str, float]:
+    ppl = math.exp(min(result.loss, _MAX_LOG_PPL))
+    values = {"eval/loss": result.loss, "eval/ppl": ppl, "eval/tokens": result.tokens}
+    values.update({f"client{c}/eval_loss": loss for c, loss in enumerate(result.client_loss)})
+    return values
 
 
 def _barrier(prep: Prepared, step: int, during: str) -> None:
