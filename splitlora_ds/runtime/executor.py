@@ -24,7 +24,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..comm import P2P
 from ..failures import PeerLost, wait_on
-from ..federation.fedavg import allreduce_weighted_average_, broadcast_, flat_nbytes
+from ..federation.fedavg import broadcast_, flat_nbytes
 from ..hetero.importance import ImportanceTracker
 from ..masters import adapter_masters, copy_masters_to_params_
 from ..modes import Mode
@@ -457,5 +457,3 @@ class Executor:
     def _turn_barrier(self, _: I.TurnBarrier) -> None:
         dist.barrier(group=self.parts.groups.clients)
 
-
-__all__ = ["Executor", "RoleParts", "GradClip", "Packing", "Hetero", "Observer", "allreduce_weighted_average_"]
