@@ -214,20 +214,18 @@ class CentralizedSchedule(Schedule):
 
 
 @dataclass(frozen=True)
-class FedLoRASchedule(CentralizedSchedule):
-    """Every client holds the whole model (the FedLoRA baseline); FedAvg every I steps."""
+class FedLoRASchedule(Schedule):
+    """Every client holds the whole model (the FedLoRA baseline); FedAvg every I steps. Each
+    client evaluates its own validation shard."""
 
     mode: ClassVar[str] = "fedlora"
-
-    def clip_ranks(self, step: int) -> Optional[tuple[int, ...]]:
-        return Schedule.clip_ranks(self, step)
-
-    def clip_rank_sets(self) -> list[tuple[int, ...]]:
-        return Schedule.clip_rank_sets(self)
 
     def train(self, role: Role, step: int) -> list[Instruction]:
         out = local_step(self.micro_batches) + self._update(step) + [ReduceLossStats()]
         return out + ([AverageAdapters()] if self.aggregates(step) else [])
+
+    def eval(self, role: Role) -> list[Instruction]:
+        return [LoadEvalBatch(), Forward(0), ComputeLoss(0)]
 
 
 @dataclass(frozen=True)
