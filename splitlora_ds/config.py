@@ -102,10 +102,18 @@ class SplitConfig:
     # stages work at once); gradients accumulate, one optimizer step per step: the same math as 1.
     # null: DEFAULT_MICRO_BATCHES, or train.batch_size if that is smaller.
     micro_batches: Optional[int] = None
+    # U-shaped split: each client also holds the last m blocks, the final norm and the LM head and
+    # computes its own loss, so its token ids and labels never leave it. null: the standard split
+    # (the server holds the head and receives the labels); 0: the head only.
+    client_tail_layers: Optional[int] = None
 
     def __post_init__(self) -> None:
         _require(self.micro_batches is None or self.micro_batches >= 1, "split.micro_batches", self.micro_batches,
                  "must be >= 1 or null")
+        _require(self.client_tail_layers is None or (isinstance(self.client_tail_layers, int)
+                                                     and not isinstance(self.client_tail_layers, bool)
+                                                     and self.client_tail_layers >= 0),
+                 "split.client_tail_layers", self.client_tail_layers, "must be an int >= 0 or null")
         ks = self.client_layers if isinstance(self.client_layers, list) else [self.client_layers]
         _require(len(ks) > 0 and all(k >= 1 for k in ks), "split.client_layers", self.client_layers,
                  "each client needs at least one transformer block")
@@ -355,15 +363,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, "mode", self.mode, f"use one of {', '.join(MODES)}")
-        # Gathered adapters go into server0's last checkpoint: there must be both.
         _require(self.split.micro_batches is None or self.train.batch_size >= self.split.micro_batches,
                  "split.micro_batches", self.split.micro_batches,
                  f"is more than train.batch_size ({self.train.batch_size}): a micro-batch needs at least one row")
+        # Gathered adapters go into server0's last checkpoint: there must be both.
         _require(not self.checkpoint.gather_adapters or self.checkpoint.dir is not None, "checkpoint.gather_adapters",
                  True, "writes into server0's checkpoint folder; set checkpoint.dir")
-        _require(self.split.micro_batches is None or self.train.batch_size >= self.split.micro_batches,
-                 "split.micro_batches", self.split.micro_batches,
-                 f"is more than train.batch_size ({self.train.batch_size}): a micro-batch needs at least one row")
         _require(not self.checkpoint.gather_adapters or self.mode in ("split", "sequential"),
                  "checkpoint.gather_adapters", True, f"needs a server to gather to; mode={self.mode} has none")
         _require(self.importance.replan_threshold is None or self.mode == "split", "importance.replan_threshold",

@@ -18,6 +18,8 @@ class Mode:
     name: ClassVar[str]
     clients: int
     server_stages: int
+    # U-shaped split (split.client_tail_layers): clients hold the head too and compute the loss.
+    u_shaped: bool = False
 
     @property
     def layout(self) -> Topology:
@@ -33,16 +35,24 @@ class Mode:
 
     @property
     def main_rank(self) -> int:
-        """The rank that prints the run's progress and holds the job-wide loss: the last server stage."""
-        return self.layout.world_size - 1
+        """The rank that prints the run's progress and holds the job-wide loss: the role that
+        computes the loss (the last server stage; client 0 when the clients compute it)."""
+        return 0 if self.u_shaped else self.layout.world_size - 1
 
     def computes_loss(self, role: Role) -> bool:
+        if self.u_shaped:
+            return role.is_client
         return role.is_server and role.index == self.server_stages - 1
 
     @property
     def whole_model_clients(self) -> bool:
         """Every client holds the whole model and scores its own data (no server)."""
         return False
+
+    @property
+    def loss_on_clients(self) -> bool:
+        """Each client scores its own data: the job-wide loss is the sum over the clients."""
+        return self.whole_model_clients or self.u_shaped
 
     @property
     def serves_all_clients(self) -> bool:
@@ -57,7 +67,7 @@ class Mode:
     def schedule(self, aggregate_every: int, max_steps: int, micro_batches: int = 1,
                  server_aggregates: bool = False, clip_global: bool = False) -> Schedule:
         return SCHEDULES[self.name](self.layout, aggregate_every, max_steps, micro_batches,
-                                    server_aggregates, clip_global)
+                                    server_aggregates, clip_global, self.u_shaped)
 
 
 @dataclass(frozen=True)
@@ -124,5 +134,7 @@ class Centralized(Mode):
 MODES: dict[str, type[Mode]] = {m.name: m for m in (Split, Sequential, FedLoRA, Centralized)}
 
 
-def get_mode(name: str, clients: int, server_stages: int) -> Mode:
-    return MODES[name](clients, server_stages)
+def get_mode(name: str, clients: int, server_stages: int, u_shaped: bool = False) -> Mode:
+    """`u_shaped` applies to the modes with a server (split, sequential); the others have no split."""
+    mode = MODES[name]
+    return mode(clients, server_stages, u_shaped and mode in (Split, Sequential))

@@ -64,7 +64,8 @@ class Prepared:
 
     @property
     def mode(self) -> Mode:
-        return get_mode(self.cfg.mode, self.topology.clients, self.topology.server_stages)
+        return get_mode(self.cfg.mode, self.topology.clients, self.topology.server_stages,
+                        u_shaped=self.cfg.split.client_tail_layers is not None)
 
     @property
     def schedule(self) -> Schedule:
@@ -112,7 +113,8 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
         setup = resolve_setup(cfg, family, hf_config, ds_config)
         plan = make_split_plan(num_blocks, list(setup.client_layers),
                                topology.server_stages, cfg.split.partition_method,
-                               _block_weights(family, hf_config) if cfg.split.partition_method == "parameters" else None)
+                               _block_weights(family, hf_config) if cfg.split.partition_method == "parameters" else None,
+                               cfg.split.client_tail_layers)
         if not dry_run:
             topology.check_world_size(world)
         role = topology.role_of(rank if not dry_run else 0)
@@ -186,10 +188,10 @@ def _check_stage(prep: Prepared) -> set[str]:
     Returns this rank's adapter names."""
     cfg = prep.cfg
     with torch.device("meta"):
-        seen = {(prep.stage_plan.start, prep.stage_plan.stop, prep.lora_rank)}
+        seen = {(prep.stage_plan.layers, prep.lora_rank)}
         for i, plan in enumerate(prep.plan.all_stages() if prep.plan is not None else ()):
-            if (plan.start, plan.stop, _rank_of(prep, i)) not in seen:  # clients alike are built once
-                seen.add((plan.start, plan.stop, _rank_of(prep, i)))
+            if (plan.layers, _rank_of(prep, i)) not in seen:  # clients alike are built once
+                seen.add((plan.layers, _rank_of(prep, i)))
                 build_stage(prep.family, prep.hf_config, plan, cfg.lora, cfg.train.seed, rank=_rank_of(prep, i))
         stage = build_stage(prep.family, prep.hf_config, prep.stage_plan, cfg.lora, cfg.train.seed,
                             rank=prep.lora_rank)

@@ -76,9 +76,13 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor,
                 score_index: Optional[torch.Tensor] = None,
                 row_entry: Optional[torch.Tensor] = None,
-                shared_grad: Optional[SharedBlockGrad] = None) -> torch.Tensor:
+                shared_grad: Optional[SharedBlockGrad] = None,
+                part: Optional[str] = None) -> torch.Tensor:
         """`score_index`: flat (batch x time) positions the head projects (see
         models.base.scored_positions); None: every position, logits [B, T, V].
+
+        `part` (a U-shaped client, whose layers are not contiguous): "bottom" runs the embeddings
+        and first blocks, "tail" the last blocks and the head; None runs every layer.
 
         `row_entry` (heterogeneous split points, a CPU tensor): per row, the layer index its
         activations enter at; a row skips this stage's layers before that (its client ran them).
@@ -86,6 +90,14 @@ class Stage(nn.Module):
         back in their given order as soon as every row is in; outputs come back in the input's
         row order. The row counts are worked out on the CPU: no device sync per layer.
         `shared_grad`: the gradient rule for blocks some rows skip (see SharedBlockGrad)."""
+        if part is not None:
+            if part not in ("bottom", "tail"):
+                raise ValueError(f"part: {part!r} is not 'bottom' or 'tail'")
+            ctx = self._context(attention_mask, score_index)
+            run = self.plan.bottom_layers if part == "bottom" else self.plan.tail_layers
+            for index in run:
+                x = self.layers[str(index)](x, ctx)
+            return x
         if row_entry is None or int(row_entry.max()) <= self.plan.start:
             ctx = self._context(attention_mask, score_index)
             for layer in self.layers.values():

@@ -103,7 +103,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     runner = Executor(RoleParts(
         role, mode, schedule, stage, engine, p2p, groups, clients=cfg.federation.clients, batches=prep.batches,
         packing=Packing(cfg.train.pack, cfg.train.pack_length), label_smoothing=cfg.train.label_smoothing,
-        aggregator=aggregator, hetero=hetero, clip=clip, importance=tracker, privacy=privacy, observers=observers))
+        aggregator=aggregator, hetero=hetero, clip=clip, importance=tracker, privacy=privacy,
+        client_weights=client_weights, observers=observers))
     start = _restore(prep, stage, engine, p2p, tracker, privacy) if prep.resume else 0
     if privacy is not None:
         privacy.remember_start(list(runner.masters.values()))
@@ -224,11 +225,14 @@ def _barrier(prep: Prepared, step: int, during: str) -> None:
 
 def _sample_counts(prep: Prepared, groups, staging: torch.device) -> list[int]:
     """Every client's training sample count (FedAvg weights; recorded in checkpoints). Clients
-    learn them with one all-reduce (server stage 0 too when it aggregates shared blocks); the
-    centralized run has them all; other server ranks need none."""
+    learn them with one all-reduce (server stage 0 too when it aggregates shared blocks, every
+    server stage in a U-shaped split); the centralized run has them all; other server ranks need
+    none."""
     if prep.role.kind == "centralized":
         return [s.num_samples for s in prep.streams]
     group = groups.aggregation if prep.setup is not None and prep.setup.shared_blocks else groups.clients
+    if prep.mode.u_shaped:
+        group = dist.group.WORLD  # the server weighs each client's loss by its FedAvg weight
     if group is None:
         return []
     counts = torch.zeros(prep.topology.clients, dtype=torch.float64, device=staging)

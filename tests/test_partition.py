@@ -71,3 +71,29 @@ def test_equal_split_points_share_nothing():
 def test_centralized_plan_is_whole_model():
     p = centralized_plan(3)
     assert list(p.layers) == [0, 1, 2, 3, 4] and p.holds_embedding and p.holds_head
+
+
+def test_u_shaped_clients_hold_both_ends_and_the_server_the_middle():
+    plan = make_split_plan(6, [1, 2], 2, client_tail_layers=1)
+    assert plan.u_shaped and not make_split_plan(6, [2], 1).u_shaped
+    c0, c1 = plan.clients
+    assert c0.layers == (0, 1, 6, 7) and c1.layers == (0, 1, 2, 6, 7)  # embeddings, bottom, last block, head
+    assert c1.bottom_layers == range(0, 3) and c1.tail_layers == range(6, 8) and c1.holds_head
+    assert c1.describe() == "embeddings, blocks 0-1, blocks 5-5, head"
+    assert [s.layers for s in plan.server] == [(2, 3, 4), (5,)]  # shared block 2 rides with stage 0
+    assert not any(s.holds_head for s in plan.server)
+    head_only = make_split_plan(4, [2], 1, client_tail_layers=0)
+    assert head_only.clients[0].layers == (0, 1, 2, 5) and head_only.server[0].layers == (3, 4)
+    # every layer is held by the clients or the server, once (the shared block aside)
+    for p in (plan, head_only):
+        held = {i for s in (p.clients[-1], *p.server) for i in s.layers}
+        assert held == set(range(p.num_blocks + 2))
+
+
+def test_u_shaped_split_must_leave_blocks_to_the_server():
+    with pytest.raises(ConfigError, match="split.client_tail_layers: 3 leaves 1 of 6 blocks to the server"):
+        make_split_plan(6, [2], 2, client_tail_layers=3)
+    with pytest.raises(ConfigError, match=r"split.client_layers: 4 is out of range.*keep the last 2"):
+        make_split_plan(6, [4], 1, client_tail_layers=2)
+    with pytest.raises(ConfigError, match="split.client_tail_layers: 6 leaves no block"):
+        make_split_plan(6, [1], 1, client_tail_layers=6)

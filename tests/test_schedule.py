@@ -12,21 +12,30 @@ from splitlora_ds.runtime.schedules import SequentialSchedule, SplitSchedule, on
 from splitlora_ds.topology import Topology
 
 
-def _schedule(mode, clients, stages, aggregate_every=2, max_steps=3, micro_batches=1, **kw):
-    return get_mode(mode, clients, stages).schedule(aggregate_every, max_steps, micro_batches, **kw)
+def _schedule(mode, clients, stages, aggregate_every=2, max_steps=3, micro_batches=1, u_shaped=False, **kw):
+    return get_mode(mode, clients, stages, u_shaped).schedule(aggregate_every, max_steps, micro_batches, **kw)
 
 
 # ---------------------------------------------------------------------------- simulation
 _COLLECTIVES = (S.ClipGradients, S.AverageAdapters, S.ReduceLossStats, S.ShareAdapters, S.TurnBarrier)
 
 
-def _simulate(schedule, step):
-    """Run every rank's list for `step`; fail on a deadlock, a message received into another
-    buffer than it was sent from, a rank talking to itself, or a message left unreceived."""
+# What each send puts on which channel, and what each receive takes from it.
+_SENDS = {S.SendActivations: "act", S.SendGrads: "grad", S.SendAdapters: "adapters",
+          S.SendTailActivations: "tail_act", S.SendTailGrads: "tail_grad"}
+_RECVS = {S.RecvActivations: "act", S.RecvGrads: "grad", S.RecvAdapters: "adapters",
+          S.RecvTailActivations: "tail_act", S.RecvTailGrads: "tail_grad"}
+
+
+def _simulate(schedule, step, lists=None):
+    """Run every rank's list for `step`; fail on a deadlock, a message received as another kind or
+    into another buffer than it was sent as, a rank talking to itself, or a message left
+    unreceived. Messages between two ranks arrive in the order they were sent, whatever their
+    kind: point-to-point messages are matched in order (NCCL has no tags)."""
     topo = schedule.topology
-    lists = {r: schedule.train(topo.role_of(r), step) for r in range(topo.world_size)}
+    lists = lists or {r: schedule.train(topo.role_of(r), step) for r in range(topo.world_size)}
     pos = {r: 0 for r in lists}
-    channels = defaultdict(deque)  # (src, dst, kind) -> buffer ids in flight
+    channels = defaultdict(deque)  # (src, dst) -> (kind, buffer id) in flight, in send order
 
     def members(ins, rank):
         return {rank, *schedule.peers(ins, rank)}
@@ -37,22 +46,17 @@ def _simulate(schedule, step):
             while pos[r] < len(ins_list):
                 ins = ins_list[pos[r]]
                 assert r not in schedule.peers(ins, r), f"rank {r} waits on itself: {ins}"
-                if isinstance(ins, S.SendActivations):
-                    channels[(r, ins.dst, "act")].append(ins.buffer)
-                elif isinstance(ins, S.SendGrads):
-                    for dst in ins.dsts:
-                        channels[(r, dst, "grad")].append(ins.buffer)
-                elif isinstance(ins, S.SendAdapters):
-                    channels[(r, ins.dst, "adapters")].append(None)
-                elif isinstance(ins, (S.RecvActivations, S.RecvGrads, S.RecvAdapters)):
-                    kind, srcs = {S.RecvActivations: ("act", getattr(ins, "srcs", ())),
-                                  S.RecvGrads: ("grad", (getattr(ins, "src", None),)),
-                                  S.RecvAdapters: ("adapters", (getattr(ins, "src", None),))}[type(ins)]
-                    if not all(channels[(src, r, kind)] for src in srcs):
+                if type(ins) in _SENDS:
+                    for dst in schedule.peers(ins, r):
+                        channels[(r, dst)].append((_SENDS[type(ins)], getattr(ins, "buffer", None)))
+                elif type(ins) in _RECVS:
+                    srcs = schedule.peers(ins, r)
+                    if not all(channels[(src, r)] for src in srcs):
                         break  # blocked
                     for src in srcs:
-                        got = channels[(src, r, kind)].popleft()
-                        assert got == getattr(ins, "buffer", None), f"rank {r}: {ins} received buffer {got}"
+                        got = channels[(src, r)].popleft()
+                        expected = (_RECVS[type(ins)], getattr(ins, "buffer", None))
+                        assert got == expected, f"rank {r}: {ins} received {got} from rank {src}"
                 elif isinstance(ins, _COLLECTIVES):
                     group = members(ins, r)
                     if not all(pos[m] < len(lists[m]) and lists[m][pos[m]] == ins for m in group):
@@ -66,19 +70,50 @@ def _simulate(schedule, step):
     return lists
 
 
+@pytest.mark.parametrize("u_shaped", [False, True], ids=["standard", "u_shaped"])
 @pytest.mark.parametrize("mode", ["split", "sequential"])
-def test_every_send_is_received_into_its_buffer_and_nothing_deadlocks(mode):
+def test_every_send_is_received_into_its_buffer_and_nothing_deadlocks(mode, u_shaped):
     """C in 1..4, S in 1..3, M in 1..8, with global clipping and aggregation steps."""
     for clients in range(1, 5):
         for stages in range(1, 4):
             for m in range(1, 9):
                 schedule = _schedule(mode, clients, stages, micro_batches=m, clip_global=True,
-                                     server_aggregates=clients > 1)
+                                     server_aggregates=clients > 1, u_shaped=u_shaped)
                 for step in range(schedule.steps):
                     lists = _simulate(schedule, step)
                     trains = [r for r, ins in lists.items() if S.OptimizerStep() in ins]
                     forwards = {r: sorted(i.buffer for i in lists[r] if isinstance(i, S.Forward)) for r in trains}
                     assert all(f == list(range(m)) for f in forwards.values()), (clients, stages, m, forwards)
+                    losses = {r for r, ins in lists.items() if any(isinstance(i, S.ComputeLoss) for i in ins)}
+                    last = schedule.topology.world_size - 1
+                    expected = {r for r in trains if r != last} - {*schedule.topology.server_ranks} if u_shaped else {last}
+                    assert losses == expected, (clients, stages, m)  # the clients score their own data
+
+
+def test_a_deadlocking_order_is_caught():
+    """The simulation can fail: a U-shaped client that waits for its bottom gradient before its
+    tail has run never gets it."""
+    schedule = _schedule("split", 1, 2, micro_batches=1, u_shaped=True)
+    lists = {r: schedule.train(schedule.topology.role_of(r), 0) for r in range(3)}
+    client = lists[0]
+    tail = client.index(S.RecvTailActivations(0, 2))
+    recv_grads = client.index(S.RecvGrads(0, 1))
+    client[tail], client[recv_grads] = client[recv_grads], client[tail]
+    with pytest.raises(AssertionError, match="deadlock"):
+        _simulate(schedule, 0, lists)
+
+
+def test_messages_between_two_ranks_arrive_in_send_order():
+    """With S = 1 the server sends a client both tail activations and bottom gradients; a client
+    that took gradient 0 before tail activations 1 would read the wrong message."""
+    schedule = _schedule("split", 1, 1, micro_batches=2, u_shaped=True)
+    lists = {r: schedule.train(schedule.topology.role_of(r), 0) for r in range(2)}
+    backward = [S.RecvGrads(0, 1), S.Backward(0)]
+    client = [i for i in lists[0] if i not in backward]
+    at = client.index(S.RecvTailActivations(1, 1))
+    lists[0] = client[:at] + backward + client[at:]  # bottom backward 0 before tail 1
+    with pytest.raises(AssertionError, match="received"):
+        _simulate(schedule, 0, lists)
 
 
 def test_fedlora_step_simulates():
@@ -105,6 +140,40 @@ def test_client_and_server_lists_with_micro_batches():
     assert server == [S.RecvActivations(0, (0, 1)), S.Forward(0), S.ComputeLoss(0), S.Backward(0), S.SendGrads(0, (0, 1)),
                       S.RecvActivations(1, (0, 1)), S.Forward(1), S.ComputeLoss(1), S.Backward(1), S.SendGrads(1, (0, 1)),
                       S.OptimizerStep()]
+
+
+def test_u_shaped_client_holds_both_ends_of_the_pipeline():
+    schedule = _schedule("split", 2, 1, aggregate_every=1, max_steps=2, micro_batches=3, u_shaped=True)
+    topo = schedule.topology
+    tail = lambda m: [S.RecvTailActivations(m, 2), S.TailForward(m), S.ComputeLoss(m), S.TailBackward(m),  # noqa: E731
+                      S.SendTailGrads(m, 2)]
+    bottom_fwd = lambda m: [S.Forward(m), S.SendActivations(m, 2)]  # noqa: E731
+    bottom_bwd = lambda m: [S.RecvGrads(m, 2), S.Backward(m)]  # noqa: E731
+    # depth S + 2 = 3: two bottom forwards ahead, then tail m, bottom forward m + 2, bottom backward m - 1
+    assert schedule.train(topo.role_of(0), 0) == [
+        S.LoadBatch(), *bottom_fwd(0), *bottom_fwd(1), *tail(0), *bottom_fwd(2),
+        *tail(1), *bottom_bwd(0), *tail(2), *bottom_bwd(1), *bottom_bwd(2), S.OptimizerStep(), S.ReduceLossStats(),
+        S.AverageAdapters()]
+    fwd = lambda m: [S.RecvActivations(m, (0, 1)), S.Forward(m), S.SendTailActivations(m, (0, 1))]  # noqa: E731
+    bwd = lambda m: [S.RecvTailGrads(m, (0, 1)), S.Backward(m), S.SendGrads(m, (0, 1))]  # noqa: E731
+    # the server waits on the clients' tails: one forward ahead before its first backward
+    assert schedule.train(topo.role_of(2), 0) == [*fwd(0), *fwd(1), *bwd(0), *fwd(2), *bwd(1), *bwd(2),
+                                                  S.OptimizerStep()]
+    assert schedule.eval(topo.role_of(1)) == [S.LoadEvalBatch(), S.Forward(0), S.SendActivations(0, 2),
+                                              S.RecvTailActivations(0, 2), S.TailForward(0), S.ComputeLoss(0)]
+    assert schedule.eval(topo.role_of(2)) == [S.RecvActivations(0, (0, 1)), S.Forward(0),
+                                              S.SendTailActivations(0, (0, 1))]
+    assert schedule.peers(S.RecvTailGrads(0, (0, 1)), 2) == (0, 1)
+    assert schedule.peers(S.SendTailGrads(0, 2), 0) == (2,)
+
+
+def test_u_shaped_sequential_reduces_the_loss_instead_of_a_barrier():
+    schedule = _schedule("sequential", 2, 1, aggregate_every=1, max_steps=2, u_shaped=True)
+    topo = schedule.topology
+    assert schedule.train(topo.role_of(1), 0) == [S.RecvAdapters(0), S.ReduceLossStats()]
+    assert schedule.train(topo.role_of(0), 0)[-2:] == [S.SendAdapters(1), S.ReduceLossStats()]
+    assert get_mode("sequential", 2, 1, True).main_rank == 0 == get_mode("split", 2, 3, True).main_rank
+    assert not get_mode("fedlora", 2, 0, True).u_shaped  # no server, no split
 
 
 def test_first_server_stage_forwards_and_last_computes_loss():

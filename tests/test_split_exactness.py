@@ -49,6 +49,28 @@ def test_split_equals_centralized(centralized, tmp_path, server_stages, client_l
     assert all(split_adapters[k].abs().max() > 0 for k in split_adapters if "lora_B" in k)
 
 
+@pytest.mark.parametrize("server_stages,client_layers,tail", [(1, 1, 0), (2, 1, 1)])
+def test_u_shaped_split_equals_centralized(centralized, tmp_path, server_stages, client_layers, tail):
+    """The client keeps the head (tail 0) or the last block and the head (tail 1) and computes its
+    own loss: still the centralized model's losses and adapters, and client0 logs the loss."""
+    family, ref_losses, ref_adapters, ref_eval = centralized
+    recipe = write_recipe(tmp_path, family, split={"client_layers": client_layers, "server_stages": server_stages,
+                                                   "micro_batches": 4, "client_tail_layers": tail},
+                          train={"output_dir": str(tmp_path / "out")}, **EVAL)
+    check(launch(1 + server_stages, ["--recipe", str(recipe)]))
+    losses = scalars(tmp_path / "tb" / "client0")
+    assert len(losses) == 4 and max(abs(a - b) for a, b in zip(losses, ref_losses)) <= 1e-5
+    with pytest.raises(KeyError):  # the server never sees a loss
+        scalars(tmp_path / "tb" / f"server{server_stages - 1}")
+    split_eval = scalars(tmp_path / "tb" / "client0", "eval/loss")
+    assert len(split_eval) == 2 and max(abs(a - b) for a, b in zip(split_eval, ref_eval)) <= 1e-5
+    adapters = load_adapters(tmp_path / "out", ["client0"] + [f"server{s}" for s in range(server_stages)])
+    assert sorted(adapters) == sorted(ref_adapters)
+    assert max((adapters[k] - ref_adapters[k]).abs().max().item() for k in ref_adapters) <= 1e-5
+    client = load_adapters(tmp_path / "out", ["client0"])
+    assert any(k.startswith("layers.4.") for k in client) == (tail == 1)  # the last block's adapters
+
+
 def test_bf16_wire_halves_traffic_and_stays_close(centralized, tmp_path):
     family, ref_losses, _, _ = centralized
     runs = {}

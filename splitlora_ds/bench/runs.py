@@ -33,7 +33,7 @@ def free_port() -> int:
 
 def main_role(cfg: RunConfig) -> str:
     """The rank that logs the job-wide loss."""
-    mode = get_mode(cfg.mode, cfg.federation.clients, cfg.split.server_stages)
+    mode = get_mode(cfg.mode, cfg.federation.clients, cfg.split.server_stages, cfg.split.client_tail_layers is not None)
     return mode.role_of(mode.main_rank).name
 
 

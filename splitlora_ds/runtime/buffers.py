@@ -15,12 +15,12 @@ from .packing import PackPlan
 class MicroBatch:
     """One micro-batch on one rank. `x` is the stage's input: token ids on a rank that embeds,
     hidden states elsewhere. `mask` holds segment ids (0 = padding; see models.base.causal_context),
-    `targets` the next-token target of every position (-100: none), `owner` the client each
-    position belongs to (-1: padding)."""
+    `targets` the next-token target of every position (-100: none; None on a U-shaped split's
+    server, which never sees them), `owner` the client each position belongs to (-1: padding)."""
 
     x: torch.Tensor
     mask: torch.Tensor
-    targets: torch.Tensor
+    targets: Optional[torch.Tensor]
     owner: torch.Tensor
     leaves: list[torch.Tensor] = field(default_factory=list)  # received activations; their grads go back
     plan: Optional[PackPlan] = None  # how the received sources were packed into `x`
@@ -30,6 +30,13 @@ class MicroBatch:
     output: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
     grad_output: Optional[torch.Tensor] = None
+    # U-shaped split. Server: each position's flat index in its client's own micro-batch (-1:
+    # padding), and per client the positions of its rows in client order (what its tail gets).
+    origin: Optional[torch.Tensor] = None
+    tail_positions: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Client: the server's output for its rows (a leaf: its gradient goes back) and the logits.
+    tail_input: Optional[torch.Tensor] = None
+    tail_output: Optional[torch.Tensor] = None
 
     @property
     def empty(self) -> bool:

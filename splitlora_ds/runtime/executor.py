@@ -11,6 +11,13 @@ adapters train on): each micro-batch's token-loss sum is divided by the step's t
 which the clients know before they split their batch and send along with every micro-batch.
 Each client gets back the gradient of its own mean token loss (the split-federated convention),
 so with FedAvg weights n_c / n the averaged client update is the centralized one.
+
+U-shaped split (split.client_tail_layers): each client computes its own mean token loss L_c on
+its tail and the server's layers train on sum_c w_c L_c (w_c: the FedAvg weight, known to every
+rank from the sample counts), so no token count, target or id ever travels. The last server
+stage hands each client the output at its own positions (in its own order) and scales the
+gradient each client returns by w_c; server stage 0 divides it out again, so each client's
+bottom gets the gradient of its own L_c, as in the standard split.
 """
 
 from __future__ import annotations
@@ -100,6 +107,8 @@ class RoleParts:
     clip: Optional[GradClip] = None
     importance: Optional[ImportanceTracker] = None
     privacy: Optional[ClientPrivacy] = None  # a client's DP mechanisms (privacy.*), None when off
+    # every client's FedAvg weight: a U-shaped split's server weighs each client's loss by it
+    client_weights: Sequence[float] = ()
     observers: Sequence[Observer] = ()
 
 
@@ -115,6 +124,8 @@ class Executor:
         self.masters = adapter_masters(self.engine.optimizer, self.stage.adapter_parameters()) if self.engine else {}
         self.training = True
         self.computes_loss = parts.mode.computes_loss(parts.role)
+        self.u_shaped = parts.mode.u_shaped
+        self.holds_tail = len(parts.stage.plan.tail_layers) > 0  # a U-shaped client
         self.eval_batches: Optional[Iterator[dict]] = None
         self.buffers: dict[int, MicroBatch] = {}
         self.step_counts: Optional[torch.Tensor] = None  # [clients] target tokens of this step per client
@@ -131,6 +142,12 @@ class Executor:
             I.Backward: self._backward,
             I.SendGrads: self._send_grads,
             I.RecvGrads: self._recv_grads,
+            I.SendTailActivations: self._send_tail_activations,
+            I.RecvTailActivations: self._recv_tail_activations,
+            I.TailForward: self._tail_forward,
+            I.TailBackward: self._tail_backward,
+            I.SendTailGrads: self._send_tail_grads,
+            I.RecvTailGrads: self._recv_tail_grads,
             I.ClipGradients: self._clip_gradients,
             I.OptimizerStep: self._optimizer_step,
             I.AverageAdapters: self._average_adapters,
@@ -189,8 +206,8 @@ class Executor:
             self.training = True
             self.eval_batches = None
             self.p2p.bytes_sent, self.p2p.bytes_received = traffic
-        if result is not None and self.mode.whole_model_clients:
-            # fedlora: each client scored its own shard; the job-wide figure sums them all.
+        if result is not None and self.mode.loss_on_clients:
+            # fedlora, U-shaped split: each client scored its own shard; the job-wide figure sums them all.
             sums, tokens = self._sum_over_clients(result.client_loss_sum, result.client_tokens)
             result.loss_sum, result.tokens = float(sum(sums)), int(sum(tokens))
             result.client_loss_sum, result.client_tokens = sums, tokens
@@ -279,23 +296,27 @@ class Executor:
         self.stats.positions += b.x.shape[0] * b.x.shape[1]
         self.stats.real_tokens += int((b.mask > 0).sum())
         shared_grad = b.shared_grad if self.training else None
-        if self.computes_loss:
+        if self.holds_tail:
+            b.output = self.engine(b.x, b.mask, part="bottom")
+        elif self.computes_loss:
             # The head projects only positions with a next-token target: logits [N, V].
             score_index = (b.targets.flatten() != IGNORE).nonzero().squeeze(1)
             b.output = self.engine(b.x, b.mask, score_index, row_entry=b.row_entry, shared_grad=shared_grad)
         else:
             b.output = self.engine(b.x, b.mask, row_entry=b.row_entry, shared_grad=shared_grad)
-            if self.parts.privacy is not None and self.role.is_client:  # what leaves the client: clipped, noised
-                # One release per step for the accountant: the micro-batches are disjoint parts
-                # of the one batch sampled this step.
-                b.output = self.parts.privacy.release(b.output, b.mask, self.training and ins.buffer == 0)
+        leaves_client = self.role.is_client and (self.holds_tail or not self.computes_loss)
+        if leaves_client and self.parts.privacy is not None:  # what leaves the client: clipped, noised
+            # One release per step for the accountant: the micro-batches are disjoint parts
+            # of the one batch sampled this step.
+            b.output = self.parts.privacy.release(b.output, b.mask, self.training and ins.buffer == 0)
 
     def _compute_loss(self, ins: I.ComputeLoss) -> None:
         b = self.buffers[ins.buffer]
         if b.empty:
             return
         smoothing = self.parts.label_smoothing if self.training else 0.0  # eval/loss: plain cross-entropy
-        loss = token_loss(b.output, b.targets, b.owner, self.parts.clients, smoothing)
+        logits = b.tail_output if self.holds_tail else b.output
+        loss = token_loss(logits, b.targets, b.owner, self.parts.clients, smoothing)
         # Divided by the whole step's token count: M micro-batches sum to the step's mean loss.
         b.loss = loss.total / max(int(self.step_counts.sum()), 1)
         self.stats.add_loss(loss.client_sum.tolist(), loss.client_tokens.tolist())
@@ -340,15 +361,26 @@ class Executor:
     # ------------------------------------------------------------------ activations and gradients
     def _send_activations(self, ins: I.SendActivations) -> None:
         b = self.buffers[ins.buffer]
-        counts = self.step_counts if self.step_counts is not None else torch.zeros(self.parts.clients, dtype=torch.long)
-        # A client's rows are all its own: the owner travels between server stages only.
-        extra = [] if self.role.is_client else [b.owner]
-        self.pending.append((self.p2p.isend([b.output, b.mask, b.targets, *extra, counts], ins.dst), ins.dst))
+        if self.u_shaped:
+            # Only floats and the segment ids leave a client; the server's own bookkeeping (whose
+            # position, where in its micro-batch) travels between server stages.
+            bundle = [b.output, b.mask] if self.role.is_client else [b.output, b.mask, b.owner, b.origin]
+        else:
+            counts = self.step_counts if self.step_counts is not None else torch.zeros(self.parts.clients,
+                                                                                       dtype=torch.long)
+            # A client's rows are all its own: the owner travels between server stages only.
+            extra = [] if self.role.is_client else [b.owner]
+            bundle = [b.output, b.mask, b.targets, *extra, counts]
+        self.pending.append((self.p2p.isend(bundle, ins.dst), ins.dst))
 
     def _recv_activations(self, ins: I.RecvActivations) -> None:
         bundles = self.p2p.recv_many(ins.srcs, self.stage.compute_dtype)
         if self.role.is_server and self.role.index == 0:
             self.buffers[ins.buffer] = self._pack_clients(ins.srcs, bundles)
+        elif self.u_shaped:
+            ((hidden, mask, owner, origin),) = bundles
+            leaf = hidden.requires_grad_(self.training)
+            self.buffers[ins.buffer] = MicroBatch(leaf, mask, None, owner, leaves=[leaf], origin=origin)
         else:
             ((hidden, mask, targets, owner, counts),) = bundles
             leaf = hidden.requires_grad_(self.training)
@@ -364,9 +396,15 @@ class Executor:
         # Rows that enter at different layers (heterogeneous split points) never share a packed row.
         plan = self.parts.packing.plan(masks, groups=clients if hetero is not None else None)
         owners = [torch.where(mask > 0, c, -1) for mask, c in zip(masks, clients)]
-        self.step_counts = torch.stack([counts for *_, counts in bundles]).sum(0)
-        b = MicroBatch(plan.pack(leaves, 0.0), plan.segments, plan.pack([t for _h, _m, t, _c in bundles], IGNORE),
-                       plan.pack(owners, -1), leaves=leaves, plan=plan, source_clients=clients)
+        if self.u_shaped:
+            # where each position sits in its client's micro-batch: the last stage hands it back there
+            origins = [torch.arange(m.numel(), device=m.device).view_as(m) for m in masks]
+            b = MicroBatch(plan.pack(leaves, 0.0), plan.segments, None, plan.pack(owners, -1), leaves=leaves,
+                           plan=plan, source_clients=clients, origin=plan.pack(origins, -1))
+        else:
+            self.step_counts = torch.stack([counts for *_, counts in bundles]).sum(0)
+            b = MicroBatch(plan.pack(leaves, 0.0), plan.segments, plan.pack([t for _h, _m, t, _c in bundles], IGNORE),
+                           plan.pack(owners, -1), leaves=leaves, plan=plan, source_clients=clients)
         if hetero is not None:
             rows_client = plan.row_group.cpu()
             # On the CPU: the stage reads row counts from it per layer (see Stage.forward).
@@ -376,19 +414,26 @@ class Executor:
         return b
 
     def _shared_block_grad(self, clients: list[int], rows_client: torch.Tensor) -> SharedBlockGrad:
-        """Row scales N w_c / N_c and block weights W_i for the shared blocks (see SharedBlockGrad)."""
+        """Row scales N w_c / N_c and block weights W_i for the shared blocks (see SharedBlockGrad).
+        U-shaped, a row of client c already carries w_c times the gradient of L_c: scale 1."""
         hetero = self.parts.hetero
-        counts = self.step_counts.to(torch.float32)
-        w = torch.tensor(hetero.client_weights, dtype=torch.float32, device=counts.device)
-        per_client = counts.sum() * w / counts.clamp(min=1)
+        w = torch.tensor(hetero.client_weights, dtype=torch.float32, device=self.device)
+        if self.u_shaped:
+            per_client = torch.ones_like(w)
+        else:
+            counts = self.step_counts.to(torch.float32).to(self.device)
+            per_client = counts.sum() * w / counts.clamp(min=1)
         layer_weight = {int(i): sum(hetero.client_weights[c] for c in clients if hetero.entry_layers[c] <= int(i))
                         for i in self.stage.layers}
-        return SharedBlockGrad(per_client[rows_client.to(counts.device)].to(self.device), layer_weight)
+        return SharedBlockGrad(per_client[rows_client.to(self.device)], layer_weight)
 
     def _send_grads(self, ins: I.SendGrads) -> None:
         b = self.buffers.pop(ins.buffer)
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in b.leaves]
-        if b.source_clients:
+        if b.source_clients and self.u_shaped:
+            # Client c's slice holds w_c times the gradient of its own loss (see _recv_tail_grads).
+            grads = [g / self.parts.client_weights[c] for g, c in zip(grads, b.source_clients)]
+        elif b.source_clients:
             # The loss is the mean over all N tokens of the step, so client c's slice holds N_c / N
             # times the gradient of its own mean loss; it gets the gradient of its own mean loss.
             counts = self.step_counts
@@ -399,6 +444,60 @@ class Executor:
     def _recv_grads(self, ins: I.RecvGrads) -> None:
         b = self.buffers[ins.buffer]
         (b.grad_output,) = self.p2p.recv(ins.src, b.output.dtype)
+
+    # ------------------------------------------------------------------ U-shaped split: the clients' tails
+    def _send_tail_activations(self, ins: I.SendTailActivations) -> None:
+        """Each client gets the output at its own real positions, in the order of its micro-batch's
+        flat positions: [n_c, H] floats, nothing else (it knows its own mask)."""
+        b = self.buffers[ins.buffer]
+        flat = b.output.detach().flatten(0, 1)
+        owner, origin = b.owner.flatten(), b.origin.flatten()
+        for dst in ins.dsts:
+            c = self.topology.role_of(dst).index
+            mine = (owner == c).nonzero().squeeze(1)
+            positions = mine[torch.argsort(origin[mine])]
+            b.tail_positions[c] = positions
+            self.pending.append((self.p2p.isend([flat.index_select(0, positions)], dst), dst))
+
+    def _recv_tail_grads(self, ins: I.RecvTailGrads) -> None:
+        """Every client's gradient of its own loss w.r.t. its positions of the output, weighted by
+        its FedAvg weight: the server's layers train on sum_c w_c L_c."""
+        b = self.buffers[ins.buffer]
+        grad = torch.zeros_like(b.output).flatten(0, 1)
+        for src, (values,) in zip(ins.srcs, self.p2p.recv_many(ins.srcs, b.output.dtype)):
+            c = self.topology.role_of(src).index
+            grad.index_copy_(0, b.tail_positions[c], values * self.parts.client_weights[c])
+        b.grad_output = grad.view_as(b.output)
+
+    def _real_positions(self, b: MicroBatch) -> torch.Tensor:
+        return (b.mask.flatten() > 0).nonzero().squeeze(1)
+
+    def _recv_tail_activations(self, ins: I.RecvTailActivations) -> None:
+        b = self.buffers[ins.buffer]
+        (values,) = self.p2p.recv(ins.src, self.stage.compute_dtype)
+        hidden = values.new_zeros(b.mask.numel(), values.shape[-1])
+        hidden = hidden.index_copy(0, self._real_positions(b), values).view(*b.mask.shape, -1)
+        b.tail_input = hidden.requires_grad_(self.training)
+
+    def _tail_forward(self, ins: I.TailForward) -> None:
+        b = self.buffers[ins.buffer]
+        if b.empty:
+            return
+        score_index = (b.targets.flatten() != IGNORE).nonzero().squeeze(1)
+        b.tail_output = self.engine(b.tail_input, b.mask, score_index, part="tail")
+
+    def _tail_backward(self, ins: I.TailBackward) -> None:
+        b = self.buffers[ins.buffer]
+        if b.loss is not None:
+            self.engine.backward(b.loss)
+        b.loss = b.tail_output = None
+
+    def _send_tail_grads(self, ins: I.SendTailGrads) -> None:
+        b = self.buffers[ins.buffer]
+        leaf, b.tail_input = b.tail_input, None
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        values = grad.flatten(0, 1).index_select(0, self._real_positions(b))
+        self.pending.append((self.p2p.isend([values], ins.dst), ins.dst))
 
     # ------------------------------------------------------------------ aggregation
     def _reduce_loss_stats(self, _: I.ReduceLossStats) -> None:

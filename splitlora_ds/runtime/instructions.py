@@ -66,6 +66,45 @@ class RecvGrads(BufferInstruction):
     src: int
 
 
+# The U-shaped split (split.client_tail_layers): the last server stage hands each client the
+# output for its own rows; the client runs its tail (last blocks, head, loss) and returns the
+# gradient of that output. Only floating-point values of the client's real positions travel.
+
+
+@dataclass(frozen=True)
+class SendTailActivations(BufferInstruction):
+    """Last server stage: each client's rows of the stage's output, to that client."""
+    dsts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RecvTailActivations(BufferInstruction):
+    """Client: the server's output for this micro-batch's rows, the input of the client's tail."""
+    src: int
+
+
+@dataclass(frozen=True)
+class TailForward(BufferInstruction):
+    pass
+
+
+@dataclass(frozen=True)
+class TailBackward(BufferInstruction):
+    pass
+
+
+@dataclass(frozen=True)
+class SendTailGrads(BufferInstruction):
+    """Client: the gradient of its loss with respect to the server's output, back to the server."""
+    dst: int
+
+
+@dataclass(frozen=True)
+class RecvTailGrads(BufferInstruction):
+    """Last server stage: every client's gradient of its rows of the output."""
+    srcs: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class ClipGradients(Instruction):
     """Scale this rank's gradients by min(1, max_norm / global norm), the norm taken over every
@@ -85,7 +124,8 @@ class AverageAdapters(Instruction):
 
 @dataclass(frozen=True)
 class ReduceLossStats(Instruction):
-    """fedlora: sum every client's loss and token counts so the job-wide loss can be logged."""
+    """Clients that compute their own loss (fedlora, U-shaped split): sum every client's loss and
+    token counts over the clients so the job-wide loss can be logged."""
 
 
 @dataclass(frozen=True)
@@ -112,4 +152,4 @@ class TurnBarrier(Instruction):
 
 
 # Instructions whose time is computation (the rest is sending, receiving and waiting).
-COMPUTE = ("Forward", "ComputeLoss", "Backward", "OptimizerStep")
+COMPUTE = ("Forward", "TailForward", "ComputeLoss", "Backward", "TailBackward", "OptimizerStep")

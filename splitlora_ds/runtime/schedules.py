@@ -23,6 +23,19 @@ Server stage 0 packs micro-batch m of every client it serves into one batch.
                    only; every client ends each step at a TurnBarrier, so an idle client never
                    waits longer than one step on a collective (dist.timeout_s stays meaningful).
 
+U-shaped split (split.client_tail_layers): the client also holds the tail (last blocks, head) and
+computes its own loss, so the pipeline runs client bottom -> server stages -> client tail and back:
+a pipeline of depth S + 2 whose first and last positions are the same client. The client runs
+min(S + 1, M) bottom forwards ahead, then per micro-batch m its tail (forward, loss, backward),
+the next bottom forward, and the bottom backward of m - 1:
+
+    client c:      LoadBatch  Forward SendActivations (warm-up) ...
+                   [RecvTailActivations TailForward ComputeLoss TailBackward SendTailGrads
+                    (Forward SendActivations) (RecvGrads Backward of m - 1)] x M  RecvGrads Backward
+                   [ClipGradients] OptimizerStep ReduceLossStats [AverageAdapters]
+    last stage:    1F1B[RecvActivations Forward SendTailActivations |
+                        RecvTailGrads Backward SendGrads]
+
 ClipGradients (train.clip_scope: global) names the ranks that train together in this step; they
 all-reduce one scalar. An evaluation batch is the forward half alone, one buffer, no optimizer.
 """
@@ -35,8 +48,9 @@ from typing import Callable, ClassVar, Optional
 
 from ..topology import Role, Topology
 from .instructions import (AverageAdapters, Backward, ClipGradients, ComputeLoss, Forward, Instruction, LoadBatch,
-                           LoadEvalBatch, OptimizerStep, RecvActivations, RecvAdapters, RecvGrads, ReduceLossStats,
-                           SendActivations, SendAdapters, SendGrads, ShareAdapters, TurnBarrier)
+                           LoadEvalBatch, OptimizerStep, RecvActivations, RecvAdapters, RecvGrads, RecvTailActivations,
+                           RecvTailGrads, ReduceLossStats, SendActivations, SendAdapters, SendGrads, SendTailActivations,
+                           SendTailGrads, ShareAdapters, TailBackward, TailForward, TurnBarrier)
 
 Part = Callable[[int], list[Instruction]]  # micro-batch id -> its instructions
 
@@ -74,10 +88,39 @@ def client_pipeline(topology: Topology, micro_batches: int) -> list[Instruction]
         lambda m: [RecvGrads(m, server), Backward(m)])]
 
 
-def server_pipeline(topology: Topology, stage: int, clients: tuple[int, ...], micro_batches: int) -> list[Instruction]:
-    """`clients`: whose activations the first stage serves this step."""
+def u_client_pipeline(topology: Topology, micro_batches: int) -> list[Instruction]:
+    """A U-shaped client: the first and the last position of a pipeline of depth S + 2."""
+    server, last = topology.server_rank(0), topology.server_rank(topology.server_stages - 1)
+    warmup = min(topology.server_stages + 1, micro_batches)
+
+    def bottom_forward(m: int) -> list[Instruction]:
+        return [Forward(m), SendActivations(m, server)]
+
+    out: list[Instruction] = [LoadBatch()]
+    for m in range(warmup):
+        out += bottom_forward(m)
+    for m in range(micro_batches):
+        out += [RecvTailActivations(m, last), TailForward(m), ComputeLoss(m), TailBackward(m), SendTailGrads(m, last)]
+        # The next bottom forward before waiting on a gradient keeps the server fed. Bottom
+        # backward m - 1 comes after tail m: the last stage forwards m before it sends gradient
+        # m - 1 back, and with S = 1 both come from one rank, whose messages arrive in order.
+        if m + warmup < micro_batches:
+            out += bottom_forward(m + warmup)
+        if m:
+            out += [RecvGrads(m - 1, server), Backward(m - 1)]
+    return out + [RecvGrads(micro_batches - 1, server), Backward(micro_batches - 1)]
+
+
+def server_pipeline(topology: Topology, stage: int, clients: tuple[int, ...], micro_batches: int,
+                    u_shaped: bool = False) -> list[Instruction]:
+    """`clients`: whose activations the first stage serves this step. `u_shaped`: the last stage
+    hands its output to the clients' tails instead of computing the loss."""
     srcs = clients if stage == 0 else (topology.server_rank(stage - 1),)
-    if stage == topology.server_stages - 1:
+    depth = topology.server_stages + (2 if u_shaped else 1)
+    if stage == topology.server_stages - 1 and u_shaped:
+        forward: Part = lambda m: [RecvActivations(m, srcs), Forward(m), SendTailActivations(m, clients)]  # noqa: E731
+        backward: Part = lambda m: [RecvTailGrads(m, clients), Backward(m), SendGrads(m, srcs)]  # noqa: E731
+    elif stage == topology.server_stages - 1:
         forward: Part = lambda m: [RecvActivations(m, srcs), Forward(m), ComputeLoss(m)]  # noqa: E731
         # Gradients go back before anything else so the upstream ranks resume sooner.
         backward: Part = lambda m: [Backward(m), SendGrads(m, srcs)]  # noqa: E731
@@ -85,7 +128,7 @@ def server_pipeline(topology: Topology, stage: int, clients: tuple[int, ...], mi
         nxt = topology.server_rank(stage + 1)
         forward = lambda m: [RecvActivations(m, srcs), Forward(m), SendActivations(m, nxt)]  # noqa: E731
         backward = lambda m: [RecvGrads(m, nxt), Backward(m), SendGrads(m, srcs)]  # noqa: E731
-    return one_f_one_b(stage + 1, 1 + topology.server_stages, micro_batches, forward, backward)
+    return one_f_one_b(stage + 1, depth, micro_batches, forward, backward)
 
 
 def local_step(micro_batches: int) -> list[Instruction]:
@@ -118,6 +161,8 @@ class Schedule(ABC):
     # Gradient clipping by one norm over every rank that trains together (train.clip_scope:
     # global, with a gradient_clipping threshold); False: each rank's engine clips its own.
     clip_global: bool = False
+    # U-shaped split: clients hold the tail and compute the loss (see the module docstring).
+    u_shaped: bool = False
 
     @property
     def steps_per_client_step(self) -> int:
@@ -161,26 +206,39 @@ class Schedule(ABC):
     def eval(self, role: Role) -> list[Instruction]:
         """One evaluation batch of the split model: the forward half, one buffer."""
         topo = self.topology
+        last_rank = topo.server_rank(topo.server_stages - 1)
         if role.is_client:
-            return [LoadEvalBatch(), Forward(0), SendActivations(0, topo.server_rank(0))]
+            out = [LoadEvalBatch(), Forward(0), SendActivations(0, topo.server_rank(0))]
+            return out + ([RecvTailActivations(0, last_rank), TailForward(0), ComputeLoss(0)] if self.u_shaped else [])
         stage = role.index
         srcs = tuple(topo.client_ranks) if stage == 0 else (topo.server_rank(stage - 1),)
-        last = stage == topo.server_stages - 1
-        return [RecvActivations(0, srcs), Forward(0),
-                ComputeLoss(0) if last else SendActivations(0, topo.server_rank(stage + 1))]
+        if stage < topo.server_stages - 1:
+            end: Instruction = SendActivations(0, topo.server_rank(stage + 1))
+        else:
+            end = SendTailActivations(0, tuple(topo.client_ranks)) if self.u_shaped else ComputeLoss(0)
+        return [RecvActivations(0, srcs), Forward(0), end]
+
+    def client_step(self) -> list[Instruction]:
+        """A client's pipeline part of a step (standard or U-shaped)."""
+        if self.u_shaped:
+            return u_client_pipeline(self.topology, self.micro_batches)
+        return client_pipeline(self.topology, self.micro_batches)
+
+    def server_step(self, role: Role, clients: tuple[int, ...]) -> list[Instruction]:
+        return server_pipeline(self.topology, role.index, clients, self.micro_batches, self.u_shaped)
 
     def aggregation_members(self) -> list[int]:
         return self.topology.client_ranks + ([self.topology.server_rank(0)] if self.server_aggregates else [])
 
     def peers(self, instruction: Instruction, rank: int) -> tuple[int, ...]:
         """The ranks `instruction` on `rank` waits on: who to name when it fails."""
-        if isinstance(instruction, (SendActivations, SendAdapters)):
+        if isinstance(instruction, (SendActivations, SendAdapters, SendTailGrads)):
             return (instruction.dst,)
-        if isinstance(instruction, (RecvGrads, RecvAdapters)):
+        if isinstance(instruction, (RecvGrads, RecvAdapters, RecvTailActivations)):
             return (instruction.src,)
-        if isinstance(instruction, RecvActivations):
+        if isinstance(instruction, (RecvActivations, RecvTailGrads)):
             return instruction.srcs
-        if isinstance(instruction, SendGrads):
+        if isinstance(instruction, (SendGrads, SendTailActivations)):
             return instruction.dsts
         if isinstance(instruction, ClipGradients):
             members: list[int] = list(instruction.ranks)
@@ -237,9 +295,10 @@ class SplitSchedule(Schedule):
     def train(self, role: Role, step: int) -> list[Instruction]:
         topo = self.topology
         if role.is_client:
-            out = client_pipeline(topo, self.micro_batches) + self._update(step)
+            # U-shaped: each client has its own loss; the job-wide figure is their sum
+            out = self.client_step() + self._update(step) + ([ReduceLossStats()] if self.u_shaped else [])
             return out + ([AverageAdapters()] if self.aggregates(step) else [])
-        out = server_pipeline(topo, role.index, tuple(topo.client_ranks), self.micro_batches) + self._update(step)
+        out = self.server_step(role, tuple(topo.client_ranks)) + self._update(step)
         if self.server_aggregates and role.index == 0 and self.aggregates(step):
             out.append(AverageAdapters())
         return out
@@ -280,13 +339,13 @@ class SequentialSchedule(Schedule):
     def train(self, role: Role, step: int) -> list[Instruction]:
         topo, active = self.topology, self.active_client(step)
         if role.is_server:
-            return server_pipeline(topo, role.index, (active,), self.micro_batches) + self._update(step)
+            return self.server_step(role, (active,)) + self._update(step)
         out: list[Instruction] = []
         last = step == self.steps - 1
         nxt = self.active_client(step + 1) if not last else active
         if role.index == active:
             # no averaging in vanilla split learning: the turn ends with a hand-over instead
-            out += client_pipeline(topo, self.micro_batches) + self._update(step)
+            out += self.client_step() + self._update(step)
             if self.turn_ends(step) and nxt != active:
                 out.append(SendAdapters(nxt))
         elif role.index == nxt and self.turn_ends(step):
@@ -294,7 +353,11 @@ class SequentialSchedule(Schedule):
         if topo.clients > 1:
             if last:
                 out.append(ShareAdapters(active))  # the run ends with one model on every client
-            out.append(TurnBarrier())
+            # U-shaped: the active client's loss reaches the main rank (client 0); the all-reduce
+            # is also the turn's barrier
+            out.append(ReduceLossStats() if self.u_shaped else TurnBarrier())
+        elif self.u_shaped:
+            out.append(ReduceLossStats())
         return out
 
     def before_eval(self, role: Role, step: int) -> list[Instruction]:
