@@ -125,16 +125,15 @@ def make_split_plan(
         raise ConfigError(f"split.client_tail_layers: {tail} leaves no block for the bottom of the client and the "
                           f"server; the model has {num_blocks} blocks")
     for k in client_layers:
-        if not 1 <= k < num_blocks - tail:
+        if not 1 <= k < num_blocks:
             raise ConfigError(
-                f"split.client_layers: {k} is out of range; the model has {num_blocks} blocks"
-                + (f" and clients keep the last {tail} (split.client_tail_layers)" if tail else "")
-                + f", so a client holds 1..{num_blocks - tail - 1} of them at the bottom and the server the rest")
+                f"split.client_layers: {k} is out of range; the model has {num_blocks} blocks, "
+                f"so a client holds 1..{num_blocks - 1} of them and the server the rest")
     k_min, k_max = min(client_layers), max(client_layers)
     rest = num_blocks - tail - k_max  # blocks no client holds, spread over the server stages
     if server_stages > rest and tail:
         raise ConfigError(
-            f"split.client_tail_layers: {tail} leaves {rest} of {num_blocks} blocks to the server "
+            f"split.client_tail_layers: {tail} leaves {max(rest, 0)} of {num_blocks} blocks to the server "
             f"(split.client_layers={_show(client_layers)}), but split.server_stages={server_stages} needs at "
             f"least one block per stage")
     if server_stages > rest:

@@ -41,6 +41,12 @@ CASES = [
     (["--set", "lora.target_modules=[wte]", "--set", "split.client_layers=1"],
      "lora.target_modules: ['wte'] match no module in server0"),
     (["--set", "model.pretrained=" + str(ROOT / "tests")], "model.pretrained"),
+    # the U-shaped split: the clients' bottom and tail must leave the server a block per stage
+    (["--set", "split.client_tail_layers=2"], "split.client_tail_layers: 2 leaves 0 of 4 blocks to the server"),
+    (["--set", "split.client_tail_layers=-1"], "split.client_tail_layers: -1 is invalid; must be an int >= 0"),
+    (["--set", "split.client_tail_layers=true"], "split.client_tail_layers: expected an integer, got True"),
+    (["--set", "split.client_layers=3", "--set", "split.client_tail_layers=1"],
+     "split.client_tail_layers: 1 leaves 0 of 4 blocks to the server (split.client_layers=3)"),
 ]
 
 

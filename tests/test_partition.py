@@ -93,7 +93,7 @@ def test_u_shaped_clients_hold_both_ends_and_the_server_the_middle():
 def test_u_shaped_split_must_leave_blocks_to_the_server():
     with pytest.raises(ConfigError, match="split.client_tail_layers: 3 leaves 1 of 6 blocks to the server"):
         make_split_plan(6, [2], 2, client_tail_layers=3)
-    with pytest.raises(ConfigError, match=r"split.client_layers: 4 is out of range.*keep the last 2"):
+    with pytest.raises(ConfigError, match=r"split.client_tail_layers: 2 leaves 0 of 6 blocks.*client_layers=4\)"):
         make_split_plan(6, [4], 1, client_tail_layers=2)
     with pytest.raises(ConfigError, match="split.client_tail_layers: 6 leaves no block"):
         make_split_plan(6, [1], 1, client_tail_layers=6)
