@@ -343,6 +343,9 @@ def _announce(prep: Prepared) -> None:
         print(f"[splitlora_ds] mode=split: {prep.topology.clients} clients + {prep.topology.server_stages} "
               f"server stage(s), {prep.plan.num_blocks} blocks, {how} every {cfg.federation.aggregate_every} "
               f"step(s)", flush=True)
+    if prep.mode.u_shaped:
+        print(f"[splitlora_ds]   U-shaped: each client also holds the last {cfg.split.client_tail_layers} block(s) "
+              f"and the head and computes its own loss; its token ids and labels stay on it", flush=True)
     if setup is not None and setup.plan_text:
         for line in setup.plan_text.splitlines():
             print(f"[splitlora_ds]   {line}", flush=True)
