@@ -68,10 +68,12 @@ def test_epsilon_comes_from_opacus_and_grows_with_steps():
 
 
 @pytest.mark.launcher
-def test_a_private_secure_run_logs_what_it_spent_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("tail", [None, 1], ids=["standard", "u-shaped"])
+def test_a_private_secure_run_logs_what_it_spent_and_resumes_exactly(tmp_path, tail):
     """Every client logs the epsilons of what it released so far and prints them at the end; noise
     draws, the last global adapters and the epsilon counters come back from a checkpoint taken
-    between two aggregations (secure aggregation starts a fresh key agreement)."""
+    between two aggregations (secure aggregation starts a fresh key agreement). The same holds with
+    every option at once: the U-shaped split, DP on both releases and secure aggregation."""
     from safetensors.torch import load_file
 
     privacy = {"activation_clip": 1.0, "activation_noise": 0.3, "update_clip": 0.05, "update_noise": 0.5}
@@ -79,6 +81,7 @@ def test_a_private_secure_run_logs_what_it_spent_and_resumes_exactly(tmp_path):
     def recipe_in(folder, **checkpoint):
         return write_recipe(folder, federation={"clients": 2, "aggregate_every": 2, "secure_aggregation": True},
                             privacy=privacy, train={"max_steps": 6, "output_dir": str(folder / "out")},
+                            split={"client_tail_layers": tail},
                             data={"num_samples": 40}, checkpoint={"dir": str(folder / "ckpt"), **checkpoint})
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

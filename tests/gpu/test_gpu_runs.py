@@ -34,11 +34,13 @@ def run(tmp_path, mode, family, ranks, **sections):
 
 @pytest.mark.parametrize("family,lora", [("gpt2", {"fused_qkv": ["q", "v"], "target_modules": ["c_attn"]}),
                                          ("llama", {})])
-@pytest.mark.parametrize("mode,ranks,main", [("centralized", 1, "centralized"), ("fedlora", 2, "client0"),
-                                             ("split", 3, "server0")])
-def test_every_mode_trains_in_bf16_on_cuda(tmp_path, family, lora, mode, ranks, main):
+@pytest.mark.parametrize("mode,ranks,main,tail", [("centralized", 1, "centralized", None), ("fedlora", 2, "client0", None),
+                                                  ("split", 3, "server0", None), ("split", 3, "client0", 1)],
+                         ids=["centralized", "fedlora", "split", "u-shaped"])
+def test_every_mode_trains_in_bf16_on_cuda(tmp_path, family, lora, mode, ranks, main, tail):
     tb = run(tmp_path, mode, family, ranks, deepspeed_config=ds_config(tmp_path, bf16=True),
              lora={"rank": 4, "alpha": 8, "dropout": 0.0, **lora}, federation={"clients": 2, "aggregate_every": 2},
+             split={"client_layers": 2, "client_tail_layers": tail},
              train={"max_steps": 12, "batch_size": 4, "seed": 7})
     curve = scalars(tb / main)
     assert len(curve) == 12 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
@@ -47,13 +49,16 @@ def test_every_mode_trains_in_bf16_on_cuda(tmp_path, family, lora, mode, ranks, 
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_split_equals_centralized_in_fp32_on_cuda(tmp_path, family):
+@pytest.mark.parametrize("tail", [None, 1], ids=["standard", "u-shaped"])
+def test_split_equals_centralized_in_fp32_on_cuda(tmp_path, family, tail):
     sgd = ds_config(tmp_path, bf16=False, optimizer="SGD", lr=0.05)
     outs = {}
     for mode, ranks in (("centralized", 1), ("split", 2)):
         out = tmp_path / mode / "out"
-        tb = run(tmp_path / mode, mode, family, ranks, deepspeed_config=sgd, train={"output_dir": str(out)})
-        outs[mode] = (scalars(tb / ("centralized" if mode == "centralized" else "server0")), out)
+        tb = run(tmp_path / mode, mode, family, ranks, deepspeed_config=sgd, train={"output_dir": str(out)},
+                 split={"client_layers": 2, "client_tail_layers": tail if mode == "split" else None})
+        main = "centralized" if mode == "centralized" else ("server0" if tail is None else "client0")
+        outs[mode] = (scalars(tb / main), out)
     (ref, ref_out), (split, split_out) = outs["centralized"], outs["split"]
     assert max(abs(a - b) for a, b in zip(ref, split)) <= 1e-5
     ref_adapters = load_file(str(ref_out / "centralized.safetensors"))
