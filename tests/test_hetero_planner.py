@@ -179,7 +179,7 @@ def test_resolve_setup_from_budgets_and_from_lists():
     u = load_config(recipe, ["federation.clients=3", "split.client_layers=2", "split.client_tail_layers=1", budgets])
     u_setup = resolve_setup(u, family, hf, FP32)
     assert u_setup.client_layers == (1, 1, 2)
-    assert "every client also holds the last 1 block(s), the final norm and LM head" in u_setup.plan_text
+    assert "every client also holds the last 1 block, the final norm and LM head" in u_setup.plan_text
     cfg = load_config(recipe, ["federation.clients=2", "split.client_layers=[1,3]", "lora.rank=[4,8]"])
     setup = resolve_setup(cfg, family, hf, FP32)
     assert (setup.client_layers, setup.client_ranks, setup.server_rank, setup.aggregation) == ((1, 3), (4, 8), 8, "stacked")

@@ -134,7 +134,7 @@ def describe(plans: Sequence[ClientPlan], memory_gb: Sequence[Optional[float]], 
         budget = ", ".join(x for x in (f"{mem:g} GB" if mem is not None else "", f"{f:g}x FLOP/s" if f is not None else "") if x)
         lines.append(f"client{c:<2} {budget:<26} {p.client_layers:>6}  {p.rank:>4}  {p.memory_bytes / GB:.3f} GB")
     if tail_layers is not None:  # the blocks column counts the bottom blocks only
-        tail = f"the last {tail_layers} block(s), " if tail_layers else ""
+        tail = f"the last {tail_layers} block{'s' if tail_layers != 1 else ''}, " if tail_layers else ""
         lines.append(f"every client also holds {tail}the final norm and LM head (split.client_tail_layers="
                      f"{tail_layers}); the estimated memory includes them and the logits")
     return "\n".join(lines)
