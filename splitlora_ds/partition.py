@@ -63,13 +63,16 @@ class StagePlan:
         return tuple(i for i in self.layers if 1 <= i <= self.num_blocks)
 
     def describe(self) -> str:
+        """e.g. "embeddings, blocks 0-1"; a U-shaped client's last blocks read "tail block 5"."""
         parts = []
         if self.holds_embedding:
             parts.append("embeddings")
-        for run in (self.bottom_layers, self.tail_layers):
-            blocks = [i for i in run if 1 <= i <= self.num_blocks]
-            if blocks:  # 0-based block numbers, as transformers counts them
-                parts.append(f"blocks {blocks[0] - 1}-{blocks[-1] - 1}")
+        for run, label in ((self.bottom_layers, ""), (self.tail_layers, "tail ")):
+            blocks = [i - 1 for i in run if 1 <= i <= self.num_blocks]  # 0-based, as transformers counts them
+            if len(blocks) == 1:
+                parts.append(f"{label}block {blocks[0]}")
+            elif blocks:
+                parts.append(f"{label}blocks {blocks[0]}-{blocks[-1]}")
         if self.holds_head:
             parts.append("head")
         return ", ".join(parts)

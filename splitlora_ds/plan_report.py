@@ -32,6 +32,13 @@ def setup_report(setup: ClientSetup) -> str:
     return "\n".join(lines)
 
 
+def u_shaped_line(tail_layers: int) -> str:
+    """What a U-shaped split moves to the clients (split.client_tail_layers)."""
+    last = f"its last {tail_layers} block{'s' if tail_layers != 1 else ''}, " if tail_layers else ""
+    return (f"U-shaped split (split.client_tail_layers={tail_layers}): each client also holds {last}the final norm "
+            f"and LM head and computes its own loss; the server holds the middle blocks and no head")
+
+
 def plan_report(cfg: RunConfig, family, hf_config, plan, recipe: str, setup: Optional[ClientSetup] = None) -> str:
     lines = [f"splitlora_ds dry run: {recipe}"]
     targets = cfg.lora.target_modules or list(family.default_target_modules)
@@ -40,6 +47,7 @@ def plan_report(cfg: RunConfig, family, hf_config, plan, recipe: str, setup: Opt
                  f"blocks, hidden {hf_config.hidden_size}, vocab {hf_config.vocab_size}")
     lines.append(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, dropout {cfg.lora.dropout:g} on "
                  f"{', '.join(targets)}{fused}")
+    width = 30  # of the layers column
     whole_rank = setup.server_rank if setup is not None else None
     whole_total, whole_trainable = stage_counts(family, hf_config, centralized_plan(family.num_blocks(hf_config)), cfg,
                                                 whole_rank)
@@ -54,18 +62,23 @@ def plan_report(cfg: RunConfig, family, hf_config, plan, recipe: str, setup: Opt
                f"clients take turns of {cfg.federation.aggregate_every} step(s) (vanilla split learning)")
         lines.append(f"mode: {cfg.mode}, world size {len(plan.all_stages())} = {len(plan.clients)} clients + "
                      f"{len(plan.server)} server stage(s); {how}")
+        if plan.u_shaped:
+            lines.append(u_shaped_line(cfg.split.client_tail_layers))
         if setup is not None and (setup.exchanges or setup.plan_text):
             lines.append(setup_report(setup))
-        lines.append(f"{'rank':>4}  {'role':<10}{'layers':<30}{'LoRA r':>7}{'params':>16}{'trainable':>14}")
-        cache: dict[tuple[int, int, int], tuple[int, int]] = {}
+        # a U-shaped client's layers ("embeddings, blocks 0-1, tail blocks 10-11, head") outgrow 30
+        width = max(width, *(len(sp.describe()) + 2 for sp in plan.all_stages()))
+        lines.append(f"{'rank':>4}  {'role':<10}{'layers':<{width}}{'LoRA r':>7}{'params':>16}{'trainable':>14}")
+        cache: dict[tuple, tuple[int, int]] = {}
         for rank, sp in enumerate(plan.all_stages()):
             r = (setup.client_ranks[rank] if rank < len(plan.clients) else setup.server_rank) if setup else None
-            key = (sp.start, sp.stop, r)
+            key = (sp.layers, r)
             if key not in cache:  # identical clients are counted once
                 cache[key] = stage_counts(family, hf_config, sp, cfg, r)
             total, trainable = cache[key]
-            lines.append(f"{rank:>4}  {sp.name:<10}{sp.describe():<30}{r or cfg.lora.rank!s:>7}{total:>16,}{trainable:>14,}")
-    lines.append(f"{'':>4}  {'whole':<10}{'(centralized)':<30}{whole_total:>16,}{whole_trainable:>14,}")
+            lines.append(f"{rank:>4}  {sp.name:<10}{sp.describe():<{width}}{r or cfg.lora.rank!s:>7}{total:>16,}"
+                         f"{trainable:>14,}")
+    lines.append(f"{'':>4}  {'whole':<10}{'(centralized)':<{width}}{'':>7}{whole_total:>16,}{whole_trainable:>14,}")
     d = cfg.data
     where = d.path or (", ".join(d.files) if d.files else None)
     part = d.partition + (f"({d.partition_key}, alpha={d.dirichlet_alpha:g})" if d.partition == "dirichlet" else "")

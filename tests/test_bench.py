@@ -104,3 +104,37 @@ def test_client_traffic_comes_from_gathered_summaries_when_its_run_stayed_on_its
     result = collect(cfg, ModeRun("split", str(log), command=[], wall_seconds=1.0))
     assert [p["step"] for p in result.curve] == [2, 4]
     assert [p["bytes"] for p in result.curve] == [400.0, 800.0]  # (600 + 200) bytes over 4 steps
+
+
+def test_standard_and_u_shaped_variants():
+    from splitlora_ds.bench.variants import VARIANTS, variant_overrides
+    from splitlora_ds.config import load_config
+
+    recipe = str(ROOT / "recipes" / "tiny-cpu.yaml")  # sets no split.client_tail_layers
+    assert {"split-standard", "split-u-shaped"} <= set(VARIANTS)
+    assert variant_overrides("split-u-shaped", recipe, []) == ["mode=split", "split.client_tail_layers=0"]
+    # the recipe's (here: the user's --set) tail wins over the head-only default
+    tail = ["split.client_tail_layers=1"]
+    assert variant_overrides("split-u-shaped", recipe, tail) == ["mode=split", "split.client_tail_layers=1"]
+    # the bench applies a variant's overrides after the user's: split-standard undoes a U-shaped recipe
+    standard = load_config(recipe, [*tail, *variant_overrides("split-standard", recipe, tail)])
+    assert standard.mode == "split" and standard.split.client_tail_layers is None
+    u = load_config(recipe, ["mode=sequential", *variant_overrides("split-u-shaped", recipe, ["mode=sequential"])])
+    assert u.mode == "split" and u.split.client_tail_layers == 0
+
+
+def test_table_reports_each_clients_bytes_per_step_sent_received_and_both():
+    from splitlora_ds.bench.report import markdown
+
+    meta = {"recipe": "r.yaml", "target_loss": 2.0, "target_from": "--target-loss", "threads": 1}
+    runs = [ModeResult("split-standard", 2, 1, 0, 0, 0.1, 100, client={"bytes_sent_per_step": 1500,
+                                                                        "bytes_received_per_step": 2500}),
+            ModeResult("split-u-shaped", 2, 1, 0, 0, 0.1, 100, client={"bytes_sent_per_step": 3000,
+                                                                        "bytes_received_per_step": 5500}),
+            ModeResult("centralized", 1, 1, 0, 0, 0.1, 100)]
+    table = markdown(meta, runs)
+    assert "KB/step per client sent / recv / total" in table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["split-standard"].endswith("| 1.5 / 2.5 / 4.0 |")
+    assert rows["split-u-shaped"].endswith("| 3.0 / 5.5 / 8.5 |")
+    assert rows["centralized"].endswith("| - / - / - |")

@@ -24,3 +24,27 @@ def test_epochs_set_the_run_length(tmp_path, monkeypatch):
     assert prepare(load_config(recipe)).max_steps == 16
     # max_steps, when set, wins (as in the Hugging Face Trainer).
     assert prepare(load_config(recipe, ["train.max_steps=5"])).max_steps == 5
+
+
+def test_u_shaped_dry_run_puts_the_tail_and_head_on_the_clients(capsys):
+    from _launch import ROOT
+    from test_recipes import rows
+
+    recipe = str(ROOT / "recipes" / "tiny-cpu.yaml")  # GPT-2, 4 blocks of 128, vocab 257, k = 2
+    assert main(["--recipe", recipe, "--dry-run"]) == 0
+    standard = rows(capsys.readouterr().out)
+    assert main(["--recipe", recipe, "--dry-run", "--set", "split.client_tail_layers=1"]) == 0
+    out = capsys.readouterr().out
+    u = rows(out)
+    assert "U-shaped split (split.client_tail_layers=1): each client also holds its last 1 block, the final norm " \
+           "and LM head" in out
+    for c in ("client0", "client1"):
+        assert u[c][0] == "embeddings, blocks 0-1, tail block 3, head"
+    assert u["server0"][0] == "block 2" and "head" not in u["server0"][0]
+    assert standard["server0"][0] == "blocks 2-3, head"
+    # the client's counts take over the last block and the head (ln_f 2 x 128, LM head 257 x 128)
+    block = standard["server0"][1] - (2 * 128 + 257 * 128) - u["server0"][1]
+    assert block == 12 * 128 * 128 + 13 * 128 + 8 * (128 + 384) + 8 * (128 + 512)  # GPT-2 block, LoRA r 8
+    assert u["client0"][1] == standard["client0"][1] + block + 2 * 128 + 257 * 128
+    assert u["client0"][1] + u["server0"][1] == u["whole"][1] == standard["whole"][1]
+    assert u["client0"][2] + u["server0"][2] == u["whole"][2]

@@ -14,21 +14,75 @@ from splitlora_ds.models import get_family
 
 from _launch import ROOT
 
-# A LLaMA-2-7B-shaped model (32 blocks x 4096, 32 heads) with LoRA on q_proj and v_proj.
+# A LLaMA-2-7B-shaped model (32 blocks x 4096, 32 heads) with LoRA on q_proj and v_proj; its head is
+# the final RMSNorm (4096) and the untied 32000 x 4096 LM head.
 LLAMA7B = ModelCosts(num_blocks=32, embed_params=32000 * 4096, block_params=202_383_360,
-                     lora_params_per_rank_embed=0, lora_params_per_rank_block=2 * (4096 + 4096), hidden=4096, heads=32)
+                     lora_params_per_rank_embed=0, lora_params_per_rank_block=2 * (4096 + 4096), hidden=4096, heads=32,
+                     head_params=32000 * 4096 + 4096, lora_params_per_rank_head=0, vocab=32000)
 FP32 = {"optimizer": {"type": "AdamW"}}  # a ds_config without bf16/fp16
 BF16 = Workload(batch_size=1, seq_len=512, weight_bytes=2, act_bytes=2)
 
 
 def test_memory_by_hand():
     costs = ModelCosts(num_blocks=4, embed_params=1000, block_params=100, lora_params_per_rank_embed=10,
-                       lora_params_per_rank_block=20, hidden=8, heads=2)
+                       lora_params_per_rank_block=20, hidden=8, heads=2, head_params=50, lora_params_per_rank_head=7,
+                       vocab=11)
     m = client_memory(costs, Workload(batch_size=2, seq_len=4, weight_bytes=4, act_bytes=2), k=2, rank=3)
     assert m["weights"] == (1000 + 2 * 100) * 4
     assert m["adapters"] == 3 * (10 + 2 * 20) * 16
     assert m["activations"] == 2 * 2 * 4 * 8 * (34 + 5 * 2 * 4 / 8) * 2 / 2
+    assert m["logits"] == 0  # the standard split: the server holds the head
     assert m["total"] == m["weights"] + m["adapters"] + m["activations"]
+
+
+def test_u_shaped_memory_by_hand():
+    costs = ModelCosts(num_blocks=6, embed_params=1000, block_params=100, lora_params_per_rank_embed=10,
+                       lora_params_per_rank_block=20, hidden=8, heads=2, head_params=50, lora_params_per_rank_head=7,
+                       vocab=11)
+    work = Workload(batch_size=2, seq_len=4, weight_bytes=4, act_bytes=2)
+    m = client_memory(costs, work, k=2, rank=3, tail_layers=1)  # 2 blocks at the bottom, 1 at the top, the head
+    assert m["weights"] == (1000 + 3 * 100 + 50) * 4
+    assert m["adapters"] == 3 * (10 + 3 * 20 + 7) * 16
+    assert m["activations"] == 3 * 2 * 4 * 8 * (34 + 5 * 2 * 4 / 8) * 2 / 2
+    assert m["logits"] == 2 * 4 * 11 * (2 + 4)  # bf16 logits and their fp32 log-probabilities
+    assert m["total"] == m["weights"] + m["adapters"] + m["activations"] + m["logits"]
+    head_only = client_memory(costs, work, k=2, rank=3, tail_layers=0)
+    assert head_only["weights"] == (1000 + 2 * 100 + 50) * 4 and head_only["logits"] == m["logits"]
+
+
+def test_u_shaped_llama7b_head_costs_its_vocab_matrix():
+    standard, u = (client_memory(LLAMA7B, BF16, 4, 16, tail) for tail in (None, 0))
+    assert u["weights"] - standard["weights"] == (32000 * 4096 + 4096) * 2  # LM head + final RMSNorm, bf16
+    assert u["logits"] == 1 * 512 * 32000 * (2 + 4) and u["activations"] == standard["activations"]
+    two = client_memory(LLAMA7B, BF16, 4, 16, 2)
+    assert two["weights"] - u["weights"] == 2 * 202_383_360 * 2  # the two tail blocks
+    assert two["adapters"] - u["adapters"] == 16 * 2 * 2 * 8192 * 16
+
+
+def test_u_shaped_clients_get_fewer_blocks_from_the_same_budget():
+    # by hand, bf16, rank 16: one block 0.522 GB (see above); fixed cost standard 0.262 GB (embedding),
+    # head only 0.262 + 0.262 (head) + 0.098 (logits 512 x 32000 x 6 bytes) = 0.623 GB, two tail
+    # blocks 0.623 + 2 x 0.522 = 1.667 GB: 5 GB holds 9.1, 8.4 and 6.4 bottom blocks
+    ks = [plan_clients(LLAMA7B, BF16, [5, 20], [None, None], max_layers=29, max_rank=16, tail_layers=tail)
+          for tail in (None, 0, 2)]
+    assert [p[0].client_layers for p in ks] == [9, 8, 6]
+    assert all(p[1].client_layers == 29 for p in ks)  # 20 GB: every block allowed (29 + 2 + head: 16.8 GB)
+    assert ks[2][1].memory_bytes == client_memory(LLAMA7B, BF16, 29, 16, 2)["total"] < 20 * GB
+
+
+def test_u_shaped_budget_too_small_names_the_tail_and_head():
+    with pytest.raises(ConfigError, match=r"federation.budgets\[1\]: memory_gb 0.3 cannot hold the embeddings plus 1 "
+                                          r"block, the last 2 blocks, the final norm and LM head "
+                                          r"\(split.client_tail_layers=2\) at rank 1 \(needs 2.18 GB: weights 1.74, "
+                                          r"adapters and optimizer 0.00, activations 0.34 at batch 1 x 512 tokens, "
+                                          r"logits 0.10 \(1 x 512 x 32000 vocab\)\)"):
+        plan_clients(LLAMA7B, BF16, [20, 0.3], [None, None], max_layers=8, max_rank=8, tail_layers=2)
+    with pytest.raises(ConfigError, match=r"cannot hold the embeddings plus 1 block, the final norm and LM head "
+                                          r"\(split.client_tail_layers=0\)"):
+        plan_clients(LLAMA7B, BF16, [0.3], [None], max_layers=8, max_rank=8, tail_layers=0)
+    with pytest.raises(ConfigError, match=r"split.client_layers: 30 is out of range for a 32-block model whose "
+                                          r"clients keep the last 2 \(split.client_tail_layers\)"):
+        plan_clients(LLAMA7B, BF16, [20], [None], max_layers=30, max_rank=8, tail_layers=2)
 
 
 def test_rank_choices():
@@ -93,6 +147,20 @@ def test_model_costs_count_the_built_layers():
     assert costs.embed_params == 257 * 128 + 320 * 128
     assert costs.block_params == 12 * 128 * 128 + 13 * 128  # GPT-2 block: 12 h^2 weights + 13 h biases/norms
     assert costs.lora_params_per_rank_block == (128 + 384) + (128 + 512)
+    # the head as models/ build it: ln_f (weight, bias) and a 257 x 128 LM head, tied to wte but its
+    # own frozen copy, so a client holding the embeddings too holds that matrix twice
+    assert costs.head_params == 2 * 128 + 257 * 128 and costs.vocab == 257
+    assert costs.lora_params_per_rank_head == 0  # c_attn and c_fc are not in the head
+
+
+def test_model_costs_head_comes_from_the_model_config():
+    family = get_family("llama")
+    cfg = load_config(ROOT / "recipes" / "hsplit-llama2-7b.yaml")
+    hf = family.load_config(cfg.model.pretrained, cfg.model.config, "sdpa", offline_known=True)
+    costs = model_costs(family, hf, ["q_proj", "v_proj"])
+    assert costs.head_params == 32000 * 4096 + 4096 and costs.vocab == 32000  # LLaMA-2-7B: untied head + RMSNorm
+    assert costs.embed_params == 32000 * 4096 and costs.block_params == LLAMA7B.block_params
+    assert model_costs(family, hf, ["lm_head"]).lora_params_per_rank_head == 4096 + 32000  # an adapted head
 
 
 def test_resolve_setup_from_budgets_and_from_lists():
@@ -103,6 +171,15 @@ def test_resolve_setup_from_budgets_and_from_lists():
     hf = family.load_config(None, cfg.model.config, "sdpa")
     setup = resolve_setup(cfg, family, hf, FP32)
     assert setup.client_layers == (1, 1, 3) and setup.plan_text and "client2" in setup.plan_text
+    # 0.15 GB: one block's activations are 8 x 320 x 128 x (34 + 5 x 4 x 320 / 128) x 4 / 2 = 55 MB, so
+    # the standard client holds 2 blocks, the U-shaped one 1 (+ the tail block and 8 x 320 x 257 x 8 logits)
+    budgets = "federation.budgets=[{memory_gb: 0.15}, {flops: 1}, {flops: 3}]"
+    standard = load_config(recipe, ["federation.clients=3", "split.client_layers=2", budgets])
+    assert resolve_setup(standard, family, hf, FP32).client_layers == (2, 1, 2)
+    u = load_config(recipe, ["federation.clients=3", "split.client_layers=2", "split.client_tail_layers=1", budgets])
+    u_setup = resolve_setup(u, family, hf, FP32)
+    assert u_setup.client_layers == (1, 1, 2)
+    assert "every client also holds the last 1 block, the final norm and LM head" in u_setup.plan_text
     cfg = load_config(recipe, ["federation.clients=2", "split.client_layers=[1,3]", "lora.rank=[4,8]"])
     setup = resolve_setup(cfg, family, hf, FP32)
     assert (setup.client_layers, setup.client_ranks, setup.server_rank, setup.aggregation) == ((1, 3), (4, 8), 8, "stacked")

@@ -79,7 +79,8 @@ def test_u_shaped_clients_hold_both_ends_and_the_server_the_middle():
     c0, c1 = plan.clients
     assert c0.layers == (0, 1, 6, 7) and c1.layers == (0, 1, 2, 6, 7)  # embeddings, bottom, last block, head
     assert c1.bottom_layers == range(0, 3) and c1.tail_layers == range(6, 8) and c1.holds_head
-    assert c1.describe() == "embeddings, blocks 0-1, blocks 5-5, head"
+    assert c1.describe() == "embeddings, blocks 0-1, tail block 5, head"
+    assert c0.describe() == "embeddings, block 0, tail block 5, head"
     assert [s.layers for s in plan.server] == [(2, 3, 4), (5,)]  # shared block 2 rides with stage 0
     assert not any(s.holds_head for s in plan.server)
     head_only = make_split_plan(4, [2], 1, client_tail_layers=0)

@@ -4,7 +4,8 @@ Runs each mode of one recipe (same model, data, LoRA, metrics), then writes DIR/
 DIR/results.md and PNG plots of validation loss against time and bytes. With `--devices FILE`
 the measured FLOPs and bytes also become simulated times on those devices and links.
 On a recipe with heterogeneous clients, `--modes split-weakest,hsplit,hetlora` compares
-SplitLoRA sized for the weakest client, HSplitLoRA and HetLoRA's zero-padding (bench/variants.py).
+SplitLoRA sized for the weakest client, HSplitLoRA and HetLoRA's zero-padding (bench/variants.py);
+on any recipe, `--modes split-standard,split-u-shaped` compares the standard and the U-shaped split.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", required=True)
     p.add_argument("--modes", default="centralized,split,fedlora,sequential",
                    help="comma-separated, from " + ", ".join(MODES) + " (centralized runs first: it sets the "
-                        "target), and on heterogeneous recipes " + ", ".join(VARIANTS))
+                        "target), and the variants of bench/variants.py: " + ", ".join(VARIANTS))
     p.add_argument("--out", required=True, help="output folder (each mode's logs go to OUT/<mode>/)")
     p.add_argument("--target-loss", type=float, default=None,
                    help="validation loss to reach (default: the centralized run's final loss + 2%%)")

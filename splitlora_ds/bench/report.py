@@ -29,6 +29,13 @@ def _num(value: Optional[float], fmt: str = "{:.3g}", scale: float = 1.0) -> str
     return "-" if value is None else fmt.format(value / scale)
 
 
+def _traffic(client: dict) -> str:
+    """A client's KB per step sent / received / both: the total is what two topologies compare on."""
+    sent, received = client.get("bytes_sent_per_step"), client.get("bytes_received_per_step")
+    total = None if sent is None or received is None else sent + received
+    return " / ".join(_num(v, "{:.1f}", 1e3) for v in (sent, received, total))
+
+
 def markdown(meta: dict, results: Sequence[ModeResult]) -> str:
     lines = [f"# splitlora_ds benchmark: {meta['recipe']}", "",
              f"Target validation loss {meta['target_loss']:.4f} ({meta['target_from']}). "
@@ -38,7 +45,7 @@ def markdown(meta: dict, results: Sequence[ModeResult]) -> str:
              "", "Time to target counts the main rank's step times (start-up and evaluation excluded).", ""]
     head = ["mode", "final val loss", "ppl", "time to target (s)", "rounds to target", "step (s)", "tokens/s",
             "trainable client / server", "peak RSS client / server (MB)", "GFLOP/step client / server",
-            "KB/step per client sent / recv"]
+            "KB/step per client sent / recv / total"]
     if meta.get("devices"):
         head += ["sim. round (s)", "sim. to target (s)", "memory misfits"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -50,7 +57,7 @@ def markdown(meta: dict, results: Sequence[ModeResult]) -> str:
                f"{_num(c.get('trainable_params'), '{:,.0f}')} / {_num(s.get('trainable_params'), '{:,.0f}')}",
                f"{_num(c.get('peak_rss_bytes'), '{:.0f}', 2**20)} / {_num(s.get('peak_rss_bytes'), '{:.0f}', 2**20)}",
                f"{_num(c.get('flops_per_step'), '{:.2f}', 1e9)} / {_num(s.get('flops_per_step'), '{:.2f}', 1e9)}",
-               f"{_num(c.get('bytes_sent_per_step'), '{:.1f}', 1e3)} / {_num(c.get('bytes_received_per_step'), '{:.1f}', 1e3)}"]
+               _traffic(c)]
         if meta.get("devices"):
             sim = r.simulated or {}
             row += [_num(sim.get("round_s"), "{:.3g}"), _num(sim.get("to_target_s"), "{:.4g}"),

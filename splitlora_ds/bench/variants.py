@@ -12,6 +12,11 @@ bytes and time that secure aggregation adds against the plain split run. On a re
 privacy section, the utility cost of each DP option: split-no-dp (every option off),
 split-dp-activations (the recipe's activation clipping and noise only), split-dp-updates (its
 update clipping and noise only).
+
+And on any recipe, the two split topologies side by side (bytes per step, tokens/s, validation
+loss): split-standard (the server holds the head and computes the loss, split.client_tail_layers
+null) and split-u-shaped (every client keeps the recipe's split.client_tail_layers, or 0, the head
+only, when the recipe sets none; its labels never leave it, at the price of a second round trip).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from ..hetero.setup import resolve_setup
 from ..models import get_family
 
 VARIANTS = ("split-weakest", "hsplit", "hetlora", "split-secagg", "split-no-dp", "split-dp-activations",
-            "split-dp-updates")
+            "split-dp-updates", "split-standard", "split-u-shaped")
 _DP_OFF = {"activations": ["privacy.activation_clip=null", "privacy.activation_noise=0"],
            "updates": ["privacy.update_clip=null", "privacy.update_noise=0"]}
 
@@ -38,6 +43,11 @@ def variant_overrides(name: str, recipe: str, overrides: list[str]) -> list[str]
         return ["mode=split", "federation.aggregation=zero_pad"]
     if name == "split-secagg":
         return ["mode=split", "federation.secure_aggregation=true"]
+    if name == "split-standard":
+        return ["mode=split", "split.client_tail_layers=null"]
+    if name == "split-u-shaped":
+        tail = load_config(recipe, [*overrides, "mode=split"]).split.client_tail_layers
+        return ["mode=split", f"split.client_tail_layers={0 if tail is None else tail}"]
     if name == "split-no-dp":
         return ["mode=split", *_DP_OFF["activations"], *_DP_OFF["updates"]]
     if name in ("split-dp-activations", "split-dp-updates"):

@@ -46,19 +46,23 @@ def _dims(module: nn.Module) -> tuple[int, int]:
 
 
 def model_costs(family, hf_config, target_modules: list[str]) -> ModelCosts:
-    """Parameter and LoRA counts of the embedding and one block, built on the meta device."""
+    """Parameter and LoRA counts of the embedding, one block and the head, built on the meta device."""
     specs = family.layer_specs(hf_config)
     with torch.device("meta"):
-        embed, block = specs[0].build(), specs[1].build()
+        embed, block, head = specs[0].build(), specs[1].build(), specs[-1].build()
 
     def lora_per_rank(layer: nn.Module) -> int:
         modules = dict(layer.named_modules())
         return sum(sum(_dims(modules[n])) for n in adaptable_modules(layer)
                    if any(_matches(n, t) for t in target_modules))
 
-    return ModelCosts(family.num_blocks(hf_config), sum(p.numel() for p in embed.parameters()),
-                      sum(p.numel() for p in block.parameters()), lora_per_rank(embed), lora_per_rank(block),
-                      hf_config.hidden_size, hf_config.num_attention_heads)
+    def params(layer: nn.Module) -> int:
+        return sum(p.numel() for p in layer.parameters())
+
+    return ModelCosts(family.num_blocks(hf_config), params(embed), params(block), lora_per_rank(embed),
+                      lora_per_rank(block), hf_config.hidden_size, hf_config.num_attention_heads,
+                      head_params=params(head), lora_params_per_rank_head=lora_per_rank(head),
+                      vocab=hf_config.vocab_size)
 
 
 def resolve_setup(cfg: RunConfig, family, hf_config, ds_config: dict) -> ClientSetup:
@@ -73,9 +77,9 @@ def resolve_setup(cfg: RunConfig, family, hf_config, ds_config: dict) -> ClientS
         mem = [b.memory_gb for b in fed.budgets]
         flops = [b.flops for b in fed.budgets]
         plans = plan_clients(model_costs(family, hf_config, targets), work, mem, flops,
-                             max_layers=split.client_layers, max_rank=lora.rank)
+                             max_layers=split.client_layers, max_rank=lora.rank, tail_layers=split.client_tail_layers)
         layers, ranks = tuple(p.client_layers for p in plans), tuple(p.rank for p in plans)
-        plan_text = describe(plans, mem, flops)
+        plan_text = describe(plans, mem, flops, split.client_tail_layers)
     else:
         layers = tuple(split.per_client(c))
         ranks = tuple(lora.client_rank(i) for i in range(c))
