@@ -91,7 +91,7 @@ def contains(haystack: torch.Tensor, needle: torch.Tensor) -> bool:
     return bool((flat.unfold(0, needle.numel(), 1) == needle).all(1).any())
 
 
-def texts_of(batches, cfg):
+def texts_of(batches):
     """Every sample's input ids (its real positions) and its next-token targets (its scored
     positions): the client's text in the two forms that must never leave it."""
     out = []
@@ -114,7 +114,7 @@ def audit_u_shaped(cfg, wire, clients, server_stages, sequential=False):
     for c in range(clients):
         batches, n = client_batches(cfg, c, world, U_STEPS)
         samples.append(n)
-        texts[c] = texts_of(batches, cfg)
+        texts[c] = texts_of(batches)
         log = wire[f"client{c}"]["log"]
         sent = [e for e in log if e["dir"] == "sent"]
         received = [e for e in log if e["dir"] == "received"]
