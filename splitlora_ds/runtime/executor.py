@@ -476,7 +476,8 @@ class Executor:
         b = self.buffers[ins.buffer]
         (values,) = self.p2p.recv(ins.src, self.stage.compute_dtype)
         hidden = values.new_zeros(b.mask.numel(), values.shape[-1])
-        hidden = hidden.index_copy(0, self._real_positions(b), values).view(*b.mask.shape, -1)
+        # The width spelled out: an empty micro-batch (no rows) cannot infer it from zero elements.
+        hidden = hidden.index_copy(0, self._real_positions(b), values).view(*b.mask.shape, values.shape[-1])
         b.tail_input = hidden.requires_grad_(self.training)
 
     def _tail_forward(self, ins: I.TailForward) -> None:
