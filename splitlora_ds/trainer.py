@@ -33,7 +33,7 @@ from .privacy.dp import ClientPrivacy
 from .hetero.importance import ImportanceTracker, resizable, resize_
 from .hetero.replan import ImportanceReplan
 from .metrics import MetricsWriter, Progress
-from .plan_report import setup_report
+from .plan_report import setup_report, u_shaped_line
 from .prepare import Prepared
 from .rank_state import load_state, rank_parts, save_state
 from .run_summary import RunSummary, current_rss_bytes
@@ -344,8 +344,7 @@ def _announce(prep: Prepared) -> None:
               f"server stage(s), {prep.plan.num_blocks} blocks, {how} every {cfg.federation.aggregate_every} "
               f"step(s)", flush=True)
     if prep.mode.u_shaped:
-        print(f"[splitlora_ds]   U-shaped: each client also holds the last {cfg.split.client_tail_layers} block(s) "
-              f"and the head and computes its own loss; its token ids and labels stay on it", flush=True)
+        print(f"[splitlora_ds]   {u_shaped_line(cfg.split.client_tail_layers)}", flush=True)
     if setup is not None and setup.plan_text:
         for line in setup.plan_text.splitlines():
             print(f"[splitlora_ds]   {line}", flush=True)
