@@ -125,7 +125,7 @@ class Executor:
         self.training = True
         self.computes_loss = parts.mode.computes_loss(parts.role)
         self.u_shaped = parts.mode.u_shaped
-        self.holds_tail = len(parts.stage.plan.tail_layers) > 0  # a U-shaped client
+        self.holds_tail = self.u_shaped and parts.role.is_client  # the client runs its own tail and loss
         self.eval_batches: Optional[Iterator[dict]] = None
         self.buffers: dict[int, MicroBatch] = {}
         self.step_counts: Optional[torch.Tensor] = None  # [clients] target tokens of this step per client
