@@ -15,8 +15,8 @@ from splitlora_ds.federation.build import build_aggregator
 from splitlora_ds.federation.exchange import LowRankExchange, LowRankSetup
 from splitlora_ds.federation.lowrank import Factors, aggregate_state_dicts
 from splitlora_ds.federation.secure import MODULUS_BITS, decode, encode, pair_seed
-from splitlora_ds.federation.secure_lowrank import (SecureLowRankExchange, buffer_layout, contribution,
-                                                    masked_upload, unpack)
+from splitlora_ds.federation.secure_lowrank import (buffer_layout, contribution, fraction_bits, masked_upload,
+                                                    unpack)
 from splitlora_ds.topology import Groups, Role
 
 
@@ -36,14 +36,14 @@ RANKS = (2, 4, 8)
 WEIGHTS = ({"a": 0.2}, {"a": 0.3, "b": 0.4}, {"a": 0.5, "b": 0.6})
 
 
-def _states(seed=0, scale_of=lambda r: 16.0 / r, d_out=12, d_in=10):
+def _states(seed=0, scale_of=lambda r: 16.0 / r, d_out=12, d_in=10, b_scale=0.1):
     g = torch.Generator().manual_seed(seed)
     states, scales = [], []
     for p, r in enumerate(RANKS):
         state = {}
         for m in WEIGHTS[p]:
             state[f"{m}.lora_A.default.weight"] = torch.randn(r, d_in, generator=g)
-            state[f"{m}.lora_B.default.weight"] = torch.randn(d_out, r, generator=g) * 0.1
+            state[f"{m}.lora_B.default.weight"] = torch.randn(d_out, r, generator=g) * b_scale
         states.append(state)
         scales.append({m: scale_of(r) for m in WEIGHTS[p]})
     return states, scales
@@ -59,16 +59,18 @@ def _uploads(states, scales, method, seeds, round_index=0):
     owns = [_own(states, scales, p) for p in range(3)]
     holdings = [{m: (f.B.shape[0], f.A.shape[1], f.rank) for m, f in own.items()} for own in owns]
     layout = buffer_layout(holdings, method)
-    uploads = [masked_upload(encode(contribution({m: (f, WEIGHTS[p][m]) for m, f in owns[p].items()}, layout)),
+    bits = fraction_bits(method)
+    uploads = [masked_upload(encode(contribution({m: (f, WEIGHTS[p][m]) for m, f in owns[p].items()}, layout), bits),
                              p, seeds[p], layout, round_index) for p in range(3)]
     return uploads, layout, owns
 
 
 @pytest.mark.parametrize("method", ["stacked", "zero_pad"])
-def test_masked_sums_give_the_plain_exchange_factors(method):
-    states, scales = _states()
+@pytest.mark.parametrize("b_scale", [0.1, 1e-3])  # 1e-3: a trained LoRA's small B (fine fixed point)
+def test_masked_sums_give_the_plain_exchange_factors(method, b_scale):
+    states, scales = _states(b_scale=b_scale)
     uploads, layout, owns = _uploads(states, scales, method, _seeds(3))
-    total = decode(np.sum(uploads, axis=0))  # the plain int64 sum an all-reduce computes
+    total = decode(np.sum(uploads, axis=0), fraction_bits(method))  # the int64 sum an all-reduce computes
     plain = aggregate_state_dicts(states, WEIGHTS, scales, method)
     for p in range(3):
         got = unpack(total, owns[p], layout)
@@ -89,7 +91,7 @@ def test_fedavg_of_equal_ranks_is_the_plain_average():
         for k in list(states[p]):
             states[p][k] = states[p][k][:2] if ".lora_A." in k else states[p][k][:, :2]
     uploads, layout, owns = _uploads(states, scales, "fedavg", _seeds(3))
-    total = decode(np.sum(uploads, axis=0))
+    total = decode(np.sum(uploads, axis=0), fraction_bits("fedavg"))
     plain = aggregate_state_dicts(states, WEIGHTS, scales, "fedavg")
     for p in range(3):
         for m, f in unpack(total, owns[p], layout).items():
@@ -98,6 +100,16 @@ def test_fedavg_of_equal_ranks_is_the_plain_average():
         buffer_layout([{"a": (12, 10, 2)}, {"a": (12, 10, 4)}], "fedavg")
     with pytest.raises(ValueError, match="adapt weights of different shapes"):
         buffer_layout([{"a": (12, 10, 2)}, {"a": (12, 11, 2)}], "stacked")
+
+
+def test_dense_updates_are_encoded_finer_within_a_stated_range():
+    assert fraction_bits("stacked") == 36 and fraction_bits("zero_pad") == fraction_bits("fedavg") == 24
+    x = torch.tensor([1e-3, -2.5e-9, 2047.0])
+    assert torch.allclose(decode(encode(x, 36), 36), x.double(), rtol=0, atol=2.0 ** -36)
+    with pytest.raises(ValueError, match=r"fixed-point range \+-2048"):
+        encode(torch.tensor([3000.0]), 36)
+    with pytest.raises(ValueError, match="fixed-point range"):
+        encode(torch.tensor([float("inf")]), 36)
 
 
 def _uniform(words):
@@ -111,10 +123,10 @@ def test_an_upload_depends_on_no_ones_values_but_its_own_and_looks_uniform(metho
     seeds = _seeds(3)
     states, scales = _states(seed=1, d_out=120, d_in=100)  # enough words to see a distribution
     uploads, layout, _ = _uploads(states, scales, method, seeds)
-    # Participant 0 changes its adapters (to zero, then to large values): the others' uploads are
+    # Participant 0 changes its adapters (to zero, then to 10x): the others' uploads are
     # the same words; its own changes, and looks uniform on [0, 2^48) either way.
     a, b = layout["a"], layout["b"]
-    for factor in (0.0, 50.0):
+    for factor in (0.0, 10.0):
         changed = [{k: v * factor for k, v in s.items()} if p == 0 else s for p, s in enumerate(states)]
         again, _, _ = _uploads(changed, scales, method, seeds)
         assert all(np.array_equal(again[p], uploads[p]) for p in (1, 2))
@@ -123,7 +135,7 @@ def test_an_upload_depends_on_no_ones_values_but_its_own_and_looks_uniform(metho
         # It holds no "b": nothing of its own and no mask there (b's masks are 1 and 2's alone).
         assert not again[0][b.offset:b.offset + b.size].any()
     # The holders of "b" mask it: participant 1's slice is uniform, not its encoded term.
-    encoded = encode(contribution({"b": (_own(states, scales, 1)["b"], 0.4)}, layout))
+    encoded = encode(contribution({"b": (_own(states, scales, 1)["b"], 0.4)}, layout), fraction_bits(method))
     assert _uniform(uploads[1][b.offset:b.offset + b.size])
     assert not np.array_equal(uploads[1][b.offset:b.offset + b.size], encoded[b.offset:b.offset + b.size])
     # Fresh masks every round: the same adapters never upload the same words twice.

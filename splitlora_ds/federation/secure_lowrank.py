@@ -54,10 +54,23 @@ from torch import nn
 
 from .exchange import LowRankSetup, lora_modules, participant_modules
 from .lowrank import METHODS, Factors, factor_names, truncate
-from .secure import SecureAggregator, decode, encode, masked
+from .secure import FRACTION_BITS, MODULUS_BITS, SecureAggregator, decode, encode, masked
 
 # Per module, what a participant states about itself before a round: (d_out, d_in, rank).
 Holding = Mapping[str, tuple[int, int, int]]
+
+# Dense updates are encoded finer than factors: the singular vectors each participant takes from
+# the revealed sum move by (rounding error) / (gap between singular values), and LoRA updates are
+# small (entries ~1e-3), so 2^-24 would perturb the new A's by ~1e-3. 2^-36 (1.5e-11) keeps them
+# within 1e-6 of the plain exchange's; the range, +-2^(MODULUS_BITS - 1 - 36) = +-2048 per update
+# entry, is far beyond any LoRA update (encode refuses, naming the range, if one exceeds it).
+DENSE_FRACTION_BITS = 36
+assert DENSE_FRACTION_BITS < MODULUS_BITS - 1
+
+
+def fraction_bits(method: str) -> int:
+    """The fixed-point resolution of a method's buffer: dense updates (stacked) or factors."""
+    return DENSE_FRACTION_BITS if method == "stacked" else FRACTION_BITS
 
 
 @dataclass(frozen=True)
@@ -204,12 +217,13 @@ class SecureLowRankExchange:
                                group=self.group)
         layout = buffer_layout(holdings, self.method)
         values = contribution({m: (f, self.weights[m]) for m, f in own.items()}, layout)
-        upload = masked_upload(encode(values), self.secure.index, self.secure.seeds, layout, self.secure.rounds)
+        bits = fraction_bits(self.method)
+        upload = masked_upload(encode(values, bits), self.secure.index, self.secure.seeds, layout, self.secure.rounds)
         self.secure.rounds += 1
         device = self.staging or next(iter(tensors.values())).device
         buf = torch.from_numpy(upload).to(device)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
-        for module, new in unpack(decode(buf.cpu().numpy()), own, layout).items():
+        for module, new in unpack(decode(buf.cpu().numpy(), bits), own, layout).items():
             a_key, b_key = keys[module]
             tensors[a_key].copy_(new.A.to(tensors[a_key].dtype))
             tensors[b_key].copy_(new.B.to(tensors[b_key].dtype))
