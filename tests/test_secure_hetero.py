@@ -199,11 +199,13 @@ def test_build_aggregator_refuses_dp_clipping_with_the_lowrank_exchange():
 
 # ---------------------------------------------------------------- a real run
 @pytest.mark.launcher
-def test_a_secure_heterogeneous_run_equals_the_plain_one(tmp_path):
+@pytest.mark.parametrize("method", ["stacked", "zero_pad"])
+def test_a_secure_heterogeneous_run_equals_the_plain_one(tmp_path, method):
     runs = {}
     for secure in (False, True):
         d = tmp_path / str(secure)
-        recipe = write_recipe(d, federation={"clients": 2, "aggregate_every": 2, "secure_aggregation": secure},
+        recipe = write_recipe(d, federation={"clients": 2, "aggregate_every": 2, "secure_aggregation": secure,
+                                             "aggregation": method},
                               split={"client_layers": [1, 2], "server_stages": 1}, lora={"rank": [2, 4]},
                               train={"output_dir": str(d / "out")})
         check(launch(3, ["--recipe", str(recipe)]))
@@ -216,7 +218,9 @@ def test_a_secure_heterogeneous_run_equals_the_plain_one(tmp_path):
     assert plain.keys() == secure.keys()
     assert max((plain[k] - secure[k]).abs().max().item() for k in plain) <= 1e-5
     # Two aggregations. Plain: each client's own factors (client 0: layer 1's c_attn at rank 2;
-    # client 1: layers 1 and 2 at rank 4; c_attn is 32 -> 96). Secure, stacked: the dense 96 x 32
-    # updates of both modules, as int64 words, from every client.
+    # client 1: layers 1 and 2 at rank 4; c_attn is 32 -> 96). Secure, every client the whole
+    # buffer as int64 words: stacked, the dense 96 x 32 updates of both modules; zero_pad, A and
+    # B of both padded to rank 4 (the largest among each module's holders).
     assert plain_bytes == [2 * 2 * (32 + 96) * 4, 2 * 2 * 4 * (32 + 96) * 4]
-    assert secure_bytes == [2 * 2 * 96 * 32 * 8] * 2
+    per_module = 96 * 32 if method == "stacked" else 4 * (32 + 96)
+    assert secure_bytes == [2 * 2 * per_module * 8] * 2
