@@ -149,8 +149,8 @@ class FederationConfig:
     # Per-client device budgets: the planner picks each client's split point and rank from them
     # (split.client_layers and lora.rank, if set as single numbers, are then the upper limits).
     budgets: Optional[list[ClientBudget]] = None
-    # Pairwise-masked aggregation (federation/secure.py): no participant sees one client's
-    # adapters, only the weighted sum. FedAvg of equal ranks and split points (split, fedlora).
+    # Pairwise-masked aggregation (federation/secure.py, secure_lowrank.py): no participant sees
+    # one client's adapters (or, heterogeneous, its update), only the weighted sum (split, fedlora).
     secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
@@ -409,13 +409,14 @@ class RunConfig:
                  "privacy.update_clip", dp.update_clip, "applies to aggregated client updates (split or fedlora "
                  "with at least 2 clients)")
         _require(dp.update_clip is None or (not hetero and self.federation.aggregation in ("auto", "fedavg")),
-                 "privacy.update_clip", dp.update_clip, "supports FedAvg of equal client ranks and split points only")
+                 "privacy.update_clip", dp.update_clip, "supports FedAvg of equal client ranks and split points only "
+                 "(not per-client values, budgets, stacked or zero_pad; with or without secure aggregation)")
         secure = self.federation.secure_aggregation
         _require(not secure or self.mode in ("split", "fedlora"), "federation.secure_aggregation", secure,
                  f"aggregates client adapters (mode split or fedlora); mode={self.mode} has no aggregation")
-        _require(not secure or (not hetero and self.federation.aggregation in ("auto", "fedavg")),
-                 "federation.secure_aggregation", secure, "supports FedAvg of equal client ranks and split points "
-                 "only (not per-client values, budgets, stacked or zero_pad)")
+        # Heterogeneous clients (per-client ranks and split points, budgets; stacked and zero_pad)
+        # aggregate securely too (federation/secure_lowrank.py). DP update clipping stays
+        # FedAvg-only (refused above), with or without secure aggregation.
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -72,11 +72,12 @@ def test_model_config_is_free_form_and_overridable(tmp_path):
     ("", ["split.micro_batches=9", "train.batch_size=8", "train.max_steps=2"], "split.micro_batches: 9 is invalid; is more than "
                                                           "train.batch_size (8)"),
     ("", ["train.pack_length=0"], "train.pack_length: 0 is invalid"),
-    # secure aggregation: FedAvg of equal clients only
+    # secure aggregation (heterogeneous clients too; DP update clipping stays FedAvg-only)
     ("", ["federation.secure_aggregation=true", "federation.clients=1"], "needs at least 2 clients"),
     ("", ["federation.secure_aggregation=true", "mode=sequential"], "mode=sequential has no aggregation"),
-    ("", ["federation.secure_aggregation=true", "lora.rank=[2, 4]"], "supports FedAvg of equal client ranks"),
-    ("", ["federation.secure_aggregation=true", "federation.aggregation=stacked"], "supports FedAvg of equal"),
+    ("", ["federation.secure_aggregation=true", "federation.clients=2", "lora.rank=[2, 4]", "privacy.update_clip=1.0"],
+     "privacy.update_clip: 1.0 is invalid; supports FedAvg of equal client ranks and split points only (not "
+     "per-client values, budgets, stacked or zero_pad; with or without secure aggregation)"),
     # differential privacy
     ("", ["privacy.activation_noise=1.0"], "privacy.activation_noise: 1.0 is invalid; noise needs a sensitivity bound"),
     ("", ["privacy.update_noise=1.0"], "set privacy.update_clip"),
@@ -90,6 +91,12 @@ def test_bad_recipes_name_the_field(tmp_path, text, overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, text), overrides)
     assert needle in str(e.value)
+
+
+def test_secure_aggregation_accepts_heterogeneous_clients(tmp_path):
+    for extra in (["lora.rank=[2, 4]"], ["split.client_layers=[1, 2]"], ["federation.aggregation=zero_pad"]):
+        cfg = load_config(write(tmp_path, ""), ["federation.secure_aggregation=true", "federation.clients=2", *extra])
+        assert cfg.federation.secure_aggregation
 
 
 def test_missing_recipe(tmp_path):

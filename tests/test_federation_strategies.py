@@ -241,9 +241,6 @@ def test_build_aggregator_picks_the_lowrank_exchange_for_its_participants():
 def test_build_aggregator_errors_name_the_field_and_value():
     lowrank = LowRankSetup("zero_pad", **_SETUP)
     client = Role("client", 0, 0)
-    with pytest.raises(ValueError, match="secure=True.*'zero_pad'"):
-        build_aggregator(client, 2, _groups(), nn.Module(), _CLIENT_WEIGHTS, _CPU, averages=True, lowrank=lowrank,
-                         secure=True)
     privacy = ClientPrivacy(PrivacyConfig(update_clip=0.25), 0.1, 2, 0.6)
     with pytest.raises(ValueError, match="privacy.update_clip=0.25"):
         build_aggregator(client, 2, _groups(), nn.Module(), _CLIENT_WEIGHTS, _CPU, averages=True, lowrank=lowrank,

@@ -5,6 +5,8 @@ way of aggregating, each behind `strategy.Aggregator` (`aggregate_(masters) -> b
 - `secure`: pairwise-masked sums (SecAgg) and `SecureFedAvg`, the same average with masks.
 - `lowrank` / `exchange`: adapters of different ranks (stacked / zero_pad) as pure functions,
   and `LowRankExchange`, their collective form over the clients (and server stage 0).
+- `secure_lowrank`: `SecureLowRankExchange`, the low-rank exchange's result through pairwise masks
+  (dense updates for stacked, padded factors for zero_pad).
 - `private`: `Private`, DP update clipping and noise around FedAvg or SecureFedAvg.
 - `build`: `build_aggregator`, which of them a rank runs.
 

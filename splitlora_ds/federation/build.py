@@ -14,6 +14,7 @@ from .exchange import LowRankExchange, LowRankSetup
 from .fedavg import FedAvg
 from .private import Private
 from .secure import SecureFedAvg
+from .secure_lowrank import SecureLowRankExchange
 from .strategy import Aggregator
 
 if TYPE_CHECKING:
@@ -33,14 +34,14 @@ def build_aggregator(role: Role, clients: int, groups: Groups, stage: nn.Module,
     federation.secure_aggregation; `privacy`: this client's DP mechanisms (its update clipping
     and noise wrap the FedAvg sum).
 
-    Secure aggregation key agreement is a collective: every client must call this together.
+    Secure aggregation's key agreement is a collective: every client (and, under the low-rank
+    exchange, server stage 0 when it holds shared blocks) must call this together.
     """
     update_dp = privacy is not None and privacy.cfg.update_clip is not None
-    if lowrank is not None and (secure or update_dp):
-        # Config refuses these combinations (config.py, hetero/setup.py); reaching here is a bug.
-        what = "secure=True" if secure else f"privacy.update_clip={privacy.cfg.update_clip}"
-        raise ValueError(f"{what}: supports FedAvg of equal ranks and split points, not the low-rank "
-                         f"exchange (method {lowrank.method!r})")
+    if lowrank is not None and update_dp:
+        # Config refuses this combination (config.py); reaching here is a bug.
+        raise ValueError(f"privacy.update_clip={privacy.cfg.update_clip}: supports FedAvg of equal ranks and "
+                         f"split points, not the low-rank exchange (method {lowrank.method!r})")
     if not averages or clients < 2:
         return None  # no AverageAdapters in the schedule
     takes_part = groups.aggregation is not None if lowrank is not None else role.is_client
@@ -50,6 +51,9 @@ def build_aggregator(role: Role, clients: int, groups: Groups, stage: nn.Module,
         raise ValueError(f"client_weights: need one per client ({clients}), got {list(client_weights)}")
     if lowrank is not None:
         client = role.index if role.is_client else None
+        if secure:  # its key agreement: a collective of the whole aggregation group
+            return SecureLowRankExchange.for_participant(stage, client, lowrank, list(client_weights),
+                                                         groups.aggregation, staging)
         return LowRankExchange.for_participant(stage, client, lowrank, list(client_weights), groups.aggregation)
     weight = client_weights[role.index]
     inner: Aggregator

@@ -90,6 +90,16 @@ class LowRankSetup:
     shared_layers: Collection[int]
 
 
+def participant_modules(stage: nn.Module, client: Optional[int], setup: LowRankSetup,
+                        client_weights: list[float]) -> tuple[set[str], dict[str, float]]:
+    """The modules a participant aggregates (a client: all its adapters; server stage 0, client
+    None: those of the shared blocks it holds for others) and its weight for each."""
+    modules = set(lora_modules(stage))
+    if client is None:
+        modules = {m for m in modules if layer_of(m) in setup.shared_layers}
+    return modules, participant_weights(modules, client, client_weights, list(setup.entry_layers))
+
+
 class LowRankExchange:
     """Heterogeneous aggregation (different ranks or split points): every participant of `group`
     gathers the others' factors of the modules it holds and keeps its own result (see exchange_).
@@ -118,10 +128,7 @@ class LowRankExchange:
                         client_weights: list[float], group: Optional[dist.ProcessGroup]) -> "LowRankExchange":
         """Client `client`'s exchange over all its adapters, or (client None) server stage 0's over
         the shared blocks it holds for others."""
-        modules = set(lora_modules(stage))
-        if client is None:
-            modules = {m for m in modules if layer_of(m) in setup.shared_layers}
-        weights = participant_weights(modules, client, client_weights, list(setup.entry_layers))
+        modules, weights = participant_modules(stage, client, setup, client_weights)
         return cls(stage, modules, weights, setup.method, group, uploads=client is not None)
 
     def aggregate_(self, masters: dict[str, torch.Tensor]) -> int:

@@ -77,12 +77,25 @@ def refactor(A_s: torch.Tensor, B_s: torch.Tensor, rank: int, scale: float,
     """Rank-`rank` factors (A [rank, d_in], B [d_out, rank]) with scale * B @ A the best rank-`rank`
     approximation of B_s @ A_s (exact when that product has rank <= `rank`). `svd`: that
     product's `svd_of_product`, when several ranks are cut from one stack."""
+    return truncate(svd if svd is not None else svd_of_product(A_s, B_s), rank, scale)
+
+
+def truncate(svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` factors (A, B) with scale * B @ A the best rank-`rank` approximation of the
+    matrix whose SVD (U, S, V^T) is `svd` (of a stack, `svd_of_product`, or of a dense sum, as
+    secure aggregation reveals it). Signs are canonical (each A row's largest entry positive):
+    an SVD fixes every singular pair only up to sign, and two routes to the same sum (the stack,
+    the dense matrix) must hand every participant the same factors, not merely the same product."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    U, S, Vh = svd if svd is not None else svd_of_product(A_s, B_s)
+    U, S, Vh = svd
     k = min(rank, S.numel())
     A = Vh[:k]  # orthonormal rows
     B = U[:, :k] * S[:k] / scale
+    sign = torch.sign(A.gather(1, A.abs().argmax(dim=1, keepdim=True))).squeeze(1)
+    sign[sign == 0] = 1.0
+    A, B = A * sign[:, None], B * sign
     if k < rank:
         # More rank than the stack has (e.g. d_in < rank): the extra A rows are further
         # orthonormal directions (zero in the product because their B columns are zero).

@@ -40,21 +40,23 @@ _MODULUS = 1 << MODULUS_BITS
 _SEED_INFO = b"splitlora_ds secure aggregation pair seed"
 
 
-def encode(values: torch.Tensor) -> np.ndarray:
-    """Fixed-point integers modulo 2^MODULUS_BITS (int64 in [0, 2^MODULUS_BITS))."""
-    scaled = np.rint(values.detach().double().cpu().numpy() * (1 << FRACTION_BITS)).astype(np.int64)
+def encode(values: torch.Tensor, fraction_bits: int = FRACTION_BITS) -> np.ndarray:
+    """Fixed-point integers modulo 2^MODULUS_BITS (int64 in [0, 2^MODULUS_BITS)), resolution
+    2^-fraction_bits, range +-2^(MODULUS_BITS - 1 - fraction_bits)."""
+    scaled = np.rint(values.detach().double().cpu().numpy() * (1 << fraction_bits))
     limit = 1 << (MODULUS_BITS - 1)
-    if scaled.size and (scaled.max() >= limit or scaled.min() < -limit):
+    # Checked before the cast: a float beyond int64 would wrap silently (or be inf/nan).
+    if scaled.size and not (np.all(scaled < limit) and np.all(scaled >= -limit)):
         raise ValueError(f"secure aggregation: a weighted adapter value exceeds the fixed-point range "
-                         f"+-{limit / (1 << FRACTION_BITS):g}")
-    return np.mod(scaled, _MODULUS)
+                         f"+-{limit / (1 << fraction_bits):g}")
+    return np.mod(scaled.astype(np.int64), _MODULUS)
 
 
-def decode(total: np.ndarray) -> torch.Tensor:
+def decode(total: np.ndarray, fraction_bits: int = FRACTION_BITS) -> torch.Tensor:
     """The signed fixed-point sum (float64) of a sum of encodings taken modulo 2^MODULUS_BITS."""
     residue = np.mod(total, _MODULUS)
     signed = np.where(residue >= _MODULUS // 2, residue - _MODULUS, residue)
-    return torch.from_numpy(signed.astype(np.float64) / (1 << FRACTION_BITS))
+    return torch.from_numpy(signed.astype(np.float64) / (1 << fraction_bits))
 
 
 def pair_seed(private: X25519PrivateKey, peer_public: bytes) -> bytes:

@@ -94,9 +94,6 @@ def resolve_setup(cfg: RunConfig, family, hf_config, ds_config: dict) -> ClientS
     elif method == "fedavg" and len(holder_ranks) > 1:
         raise ConfigError(f"federation.aggregation: fedavg averages factors of one rank, but adapters are held at "
                           f"ranks {sorted(holder_ranks)}; use stacked (exact) or zero_pad (HetLoRA)")
-    if fed.secure_aggregation and (len(holder_ranks) > 1 or method != "fedavg"):
-        raise ConfigError(f"federation.secure_aggregation: supports FedAvg of one rank, but adapters are held at "
-                          f"ranks {sorted(holder_ranks)} (set lora.server_rank to the clients' rank)")
     if lora.fused_qkv is not None and len(holder_ranks) > 1:
         raise ConfigError(f"lora.fused_qkv: {lora.fused_qkv} needs one LoRA rank on every holder of a module, but "
                           f"adapters are held at ranks {sorted(holder_ranks)} (set lora.server_rank to "
