@@ -57,12 +57,14 @@ SHARED = ROOT.parent / "shared" / "data"
 
 @pytest.mark.skipif(not (SHARED / "e2e" / "devset.csv").exists() or not (SHARED / "gpt2-tokenizer").exists(),
                     reason="needs ../shared/data (E2E devset and GPT-2 tokenizer)")
-def test_gpt2_e2e_cpu_recipe_learns(tmp_path):
-    proc = launch(4, ["--recipe", str(ROOT / "recipes/gpt2-e2e-cpu.yaml"), "--set", "train.max_steps=30",
+@pytest.mark.parametrize("recipe,main", [("gpt2-e2e-cpu", "server0"), ("gpt2-e2e-cpu-private", "client0")])
+def test_gpt2_e2e_cpu_recipe_learns(tmp_path, recipe, main):
+    """The private variant: U-shaped split and secure aggregation; client 0 logs the loss."""
+    proc = launch(4, ["--recipe", str(ROOT / f"recipes/{recipe}.yaml"), "--set", "train.max_steps=30",
                       "--set", "eval.every=30", "--set", "eval.max_batches=2", "--set", f"log.dir={tmp_path}"])
     check(proc)
     assert "histogram (customer rating)" in proc.stdout  # the Dirichlet split is reported at start
-    loss = [v for _, v in read_scalars(str(tmp_path / "server0"), "train/loss")]
+    loss = [v for _, v in read_scalars(str(tmp_path / main), "train/loss")]
     assert len(loss) == 30 and loss[0] > 10.5  # ln(50257) = 10.8 at random init
     assert sum(loss[-5:]) / 5 < loss[0] - 2.0, f"loss did not fall: {loss[0]:.2f} -> {loss[-5:]}"
-    assert read_scalars(str(tmp_path / "server0"), "eval/loss")[-1][1] < loss[0] - 2.0
+    assert read_scalars(str(tmp_path / main), "eval/loss")[-1][1] < loss[0] - 2.0

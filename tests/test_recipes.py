@@ -16,7 +16,7 @@ DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 def test_the_shipped_set_is_complete():
     names = {p.stem for p in RECIPES}
-    assert {"tiny-cpu", "gpt2-e2e-cpu", "gpt2-small-e2e", "gpt2-medium-e2e", "gpt2-large-e2e",
+    assert {"tiny-cpu", "gpt2-e2e-cpu", "gpt2-e2e-cpu-private", "gpt2-small-e2e", "gpt2-medium-e2e", "gpt2-large-e2e",
             "llama2-7b-alpaca", "llama3-8b-alpaca", "hsplit-cpu", "hsplit-llama2-7b"} <= names
 
 
