@@ -100,6 +100,15 @@ def participant_modules(stage: nn.Module, client: Optional[int], setup: LowRankS
     return modules, participant_weights(modules, client, client_weights, list(setup.entry_layers))
 
 
+def check_exchange(name: str, method: str, modules: set[str], weights: Mapping[str, float]) -> None:
+    """An exchange's arguments: a known method and a weight for every module it aggregates."""
+    if method not in METHODS:
+        raise ValueError(f"{name} method must be one of {METHODS}, got {method!r}")
+    missing = sorted(modules - set(weights))
+    if missing:
+        raise ValueError(f"{name} weights: no weight for modules {missing}")
+
+
 class LowRankExchange:
     """Heterogeneous aggregation (different ranks or split points): every participant of `group`
     gathers the others' factors of the modules it holds and keeps its own result (see exchange_).
@@ -111,11 +120,7 @@ class LowRankExchange:
 
     def __init__(self, stage: nn.Module, modules: set[str], weights: Mapping[str, float], method: str,
                  group: Optional[dist.ProcessGroup], uploads: bool):
-        if method not in METHODS:
-            raise ValueError(f"LowRankExchange method must be one of {METHODS}, got {method!r}")
-        missing = sorted(modules - set(weights))
-        if missing:
-            raise ValueError(f"LowRankExchange weights: no weight for modules {missing}")
+        check_exchange(type(self).__name__, method, modules, weights)
         self.stage = stage
         self.modules = set(modules)
         self.weights = dict(weights)

@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .exchange import LowRankSetup, lora_modules, participant_modules
+from .exchange import LowRankSetup, check_exchange, lora_modules, participant_modules
 from .lowrank import METHODS, Factors, factor_names, truncate
 from .secure import FRACTION_BITS, SecureAggregator, decode, encode, masked
 
@@ -175,11 +175,7 @@ class SecureLowRankExchange:
 
     def __init__(self, stage: nn.Module, modules: set[str], weights: Mapping[str, float], method: str,
                  group: Optional[dist.ProcessGroup], staging: Optional[torch.device] = None):
-        if method not in METHODS:
-            raise ValueError(f"SecureLowRankExchange method must be one of {METHODS}, got {method!r}")
-        missing = sorted(modules - set(weights))
-        if missing:
-            raise ValueError(f"SecureLowRankExchange weights: no weight for modules {missing}")
+        check_exchange(type(self).__name__, method, modules, weights)
         self.stage = stage
         self.modules = set(modules)
         self.weights = dict(weights)
