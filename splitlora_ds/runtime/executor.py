@@ -46,6 +46,7 @@ from ..config import DEFAULT_PACK_LENGTH
 from .packing import PackPlan, next_token_targets
 from .schedules import Schedule
 from .stats import EvalStats, StepStats
+from .wire import Activations
 
 # Called after every instruction with (step, instruction, executor): for tracing, profiling and
 # tests that need to see adapters between an optimizer step and an averaging.
@@ -361,50 +362,43 @@ class Executor:
     # ------------------------------------------------------------------ activations and gradients
     def _send_activations(self, ins: I.SendActivations) -> None:
         b = self.buffers[ins.buffer]
-        if self.u_shaped:
-            # Only floats and the segment ids leave a client; the server's own bookkeeping (whose
-            # position, where in its micro-batch) travels between server stages.
-            bundle = [b.output, b.mask] if self.role.is_client else [b.output, b.mask, b.owner, b.origin]
-        else:
-            counts = self.step_counts if self.step_counts is not None else torch.zeros(self.parts.clients,
-                                                                                       dtype=torch.long)
-            # A client's rows are all its own: the owner travels between server stages only.
-            extra = [] if self.role.is_client else [b.owner]
-            bundle = [b.output, b.mask, b.targets, *extra, counts]
-        self.pending.append((self.p2p.isend(bundle, ins.dst), ins.dst))
+        counts = self.step_counts
+        if counts is None and not self.u_shaped:
+            counts = torch.zeros(self.parts.clients, dtype=torch.long)
+        acts = Activations(b.output, b.mask, b.targets, counts, b.owner, b.origin)
+        self.pending.append((self.p2p.isend(acts.to_wire(self.u_shaped, self.role.is_client), ins.dst), ins.dst))
 
     def _recv_activations(self, ins: I.RecvActivations) -> None:
-        bundles = self.p2p.recv_many(ins.srcs, self.stage.compute_dtype)
-        if self.role.is_server and self.role.index == 0:
-            self.buffers[ins.buffer] = self._pack_clients(ins.srcs, bundles)
-        elif self.u_shaped:
-            ((hidden, mask, owner, origin),) = bundles
-            leaf = hidden.requires_grad_(self.training)
-            self.buffers[ins.buffer] = MicroBatch(leaf, mask, None, owner, leaves=[leaf], origin=origin)
-        else:
-            ((hidden, mask, targets, owner, counts),) = bundles
-            leaf = hidden.requires_grad_(self.training)
-            self.buffers[ins.buffer] = MicroBatch(leaf, mask, targets, owner, leaves=[leaf])
-            self.step_counts = counts
+        from_clients = self.role.is_server and self.role.index == 0
+        received = [Activations.from_wire(bundle, self.u_shaped, from_clients)
+                    for bundle in self.p2p.recv_many(ins.srcs, self.stage.compute_dtype)]
+        if from_clients:
+            self.buffers[ins.buffer] = self._pack_clients(ins.srcs, received)
+            return
+        (acts,) = received
+        leaf = acts.hidden.requires_grad_(self.training)
+        self.buffers[ins.buffer] = MicroBatch(leaf, acts.mask, acts.targets, acts.owner, leaves=[leaf],
+                                              origin=acts.origin)
+        if acts.counts is not None:
+            self.step_counts = acts.counts
 
-    def _pack_clients(self, srcs: tuple[int, ...], bundles: list[list[torch.Tensor]]) -> MicroBatch:
+    def _pack_clients(self, srcs: tuple[int, ...], received: list[Activations]) -> MicroBatch:
         """Server stage 0: every served client's micro-batch, packed into one batch."""
         clients = [self.topology.role_of(src).index for src in srcs]
-        leaves = [hidden.requires_grad_(self.training) for hidden, *_ in bundles]
-        masks = [mask for _h, mask, *_ in bundles]
+        leaves = [acts.hidden.requires_grad_(self.training) for acts in received]
+        masks = [acts.mask for acts in received]
         hetero = self.parts.hetero
         # Rows that enter at different layers (heterogeneous split points) never share a packed row.
         plan = self.parts.packing.plan(masks, groups=clients if hetero is not None else None)
         owners = [torch.where(mask > 0, c, -1) for mask, c in zip(masks, clients)]
+        b = MicroBatch(plan.pack(leaves, 0.0), plan.segments, None, plan.pack(owners, -1), leaves=leaves, plan=plan,
+                       source_clients=clients)
         if self.u_shaped:
             # where each position sits in its client's micro-batch: the last stage hands it back there
-            origins = [torch.arange(m.numel(), device=m.device).view_as(m) for m in masks]
-            b = MicroBatch(plan.pack(leaves, 0.0), plan.segments, None, plan.pack(owners, -1), leaves=leaves,
-                           plan=plan, source_clients=clients, origin=plan.pack(origins, -1))
+            b.origin = plan.pack([torch.arange(m.numel(), device=m.device).view_as(m) for m in masks], -1)
         else:
-            self.step_counts = torch.stack([counts for *_, counts in bundles]).sum(0)
-            b = MicroBatch(plan.pack(leaves, 0.0), plan.segments, plan.pack([t for _h, _m, t, _c in bundles], IGNORE),
-                           plan.pack(owners, -1), leaves=leaves, plan=plan, source_clients=clients)
+            self.step_counts = torch.stack([acts.counts for acts in received]).sum(0)
+            b.targets = plan.pack([acts.targets for acts in received], IGNORE)
         if hetero is not None:
             rows_client = plan.row_group.cpu()
             # On the CPU: the stage reads row counts from it per layer (see Stage.forward).
