@@ -152,9 +152,22 @@ class FederationConfig:
     # Pairwise-masked aggregation (federation/secure.py, secure_lowrank.py): no participant sees
     # one client's adapters (or, heterogeneous, its update), only the weighted sum (split, fedlora).
     secure_aggregation: bool = False
+    # Many logical clients (data owners) on fewer ranks (federation/participation.py). clients is
+    # then N, the data owners; client_ranks R <= N ranks serve them, each running its assigned
+    # clients one after another. null: one rank per client (R = N).
+    client_ranks: Optional[int] = None
+    # K: clients sampled (seeded) to take part in each round of aggregate_every steps; the others
+    # sit the round out. null: every client, every round (K = N).
+    clients_per_round: Optional[int] = None
 
     def __post_init__(self) -> None:
         _require(self.clients >= 1, "federation.clients", self.clients, "must be >= 1")
+        _require(self.client_ranks is None or 1 <= self.client_ranks <= self.clients, "federation.client_ranks",
+                 self.client_ranks, f"must be between 1 and federation.clients ({self.clients}), "
+                                    "or null for one rank per client")
+        _require(self.clients_per_round is None or 1 <= self.clients_per_round <= self.clients,
+                 "federation.clients_per_round", self.clients_per_round,
+                 f"must be between 1 and federation.clients ({self.clients}), or null for every client")
         _require(not self.secure_aggregation or self.clients >= 2, "federation.secure_aggregation",
                  self.secure_aggregation, "needs at least 2 clients (one client's sum is its own adapters)")
         _require(self.aggregate_every >= 1, "federation.aggregate_every", self.aggregate_every,
@@ -396,6 +409,14 @@ class RunConfig:
             for name, value in per_client[:2]:
                 _require(not isinstance(value, list), name, value,
                          "federation.budgets plans per-client values; give a single upper limit or drop the budgets")
+        if self.federation.client_ranks is not None:
+            # A rank is a device class (split point and rank) and serves only clients of its class,
+            # so every class present needs a rank of its own. Budget-planned classes are only known
+            # once planned; the participation plan refuses those (participation.spread_ranks).
+            classes = len(set(zip(self.split.per_client(c), (self.lora.client_rank(i) for i in range(c)))))
+            _require(classes <= self.federation.client_ranks, "federation.client_ranks", self.federation.client_ranks,
+                     f"the clients form {classes} device classes (split.client_layers x lora.rank) "
+                     "and each needs at least one rank")
         hetero = (isinstance(self.split.client_layers, list) or isinstance(self.lora.rank, list)
                   or self.federation.budgets is not None)
         _require(not hetero or self.mode == "split", "mode", self.mode,
@@ -427,6 +448,18 @@ class RunConfig:
         if self.split.micro_batches is not None:
             return self.split.micro_batches
         return min(DEFAULT_MICRO_BATCHES, self.train.batch_size)
+
+    @property
+    def client_ranks(self) -> int:
+        """federation.client_ranks, resolved: R ranks serve the federation.clients logical clients."""
+        f = self.federation
+        return f.client_ranks if f.client_ranks is not None else f.clients
+
+    @property
+    def clients_per_round(self) -> int:
+        """federation.clients_per_round, resolved: K clients take part in each round."""
+        f = self.federation
+        return f.clients_per_round if f.clients_per_round is not None else f.clients
 
     @property
     def world_size(self) -> int:

@@ -86,6 +86,18 @@ def test_model_config_is_free_form_and_overridable(tmp_path):
     ("", ["privacy.activation_clip=1.0", "mode=fedlora"], "not mode=fedlora"),
     ("", ["privacy.update_clip=1.0", "lora.rank=[2, 4]"], "FedAvg of equal client ranks"),
     ("", ["privacy.delta=1.5"], "privacy.delta: 1.5 is invalid"),
+    # many logical clients on fewer ranks, partial participation
+    ("", ["federation.clients=3", "federation.client_ranks=4"],
+     "federation.client_ranks: 4 is invalid; must be between 1 and federation.clients (3)"),
+    ("", ["federation.client_ranks=0"], "federation.client_ranks: 0 is invalid"),
+    ("", ["federation.client_ranks=two"], "federation.client_ranks: expected an integer, got 'two'"),
+    ("", ["federation.clients=3", "federation.clients_per_round=4"],
+     "federation.clients_per_round: 4 is invalid; must be between 1 and federation.clients (3)"),
+    ("", ["federation.clients_per_round=0"], "federation.clients_per_round: 0 is invalid"),
+    ("", ["federation.clients=4", "federation.client_ranks=2", "split.client_layers=[1, 2, 3, 1]"],
+     "federation.client_ranks: 2 is invalid; the clients form 3 device classes"),
+    ("", ["federation.clients=4", "federation.client_ranks=1", "lora.rank=[2, 2, 4, 4]"],
+     "federation.client_ranks: 1 is invalid; the clients form 2 device classes"),
 ])
 def test_bad_recipes_name_the_field(tmp_path, text, overrides, needle):
     with pytest.raises(ConfigError) as e:
@@ -135,3 +147,17 @@ def test_micro_batches_default_to_four_or_the_batch_size():
     assert load_config(None, ["train.max_steps=2", "train.batch_size=8"]).micro_batches == 4
     assert load_config(None, ["train.max_steps=2", "train.batch_size=2"]).micro_batches == 2
     assert load_config(None, ["train.max_steps=2", "train.batch_size=8", "split.micro_batches=8"]).micro_batches == 8
+
+
+def test_client_ranks_and_clients_per_round_resolve():
+    cfg = load_config(None, ["train.max_steps=2", "federation.clients=5"])
+    assert (cfg.federation.client_ranks, cfg.federation.clients_per_round) == (None, None)
+    assert (cfg.client_ranks, cfg.clients_per_round) == (5, 5)  # null: today's one rank per client
+    cfg = load_config(None, ["train.max_steps=2", "federation.clients=100", "federation.client_ranks=4",
+                             "federation.clients_per_round=10"])
+    assert (cfg.client_ranks, cfg.clients_per_round) == (4, 10)
+    assert cfg.world_size == 101  # groundwork only: the runtime still runs one rank per client
+    # Device classes: (split point, rank) pairs; two classes fit on two ranks.
+    cfg = load_config(None, ["train.max_steps=2", "federation.clients=4", "federation.client_ranks=2",
+                             "split.client_layers=[1, 2, 1, 2]", "lora.rank=[2, 4, 2, 4]"])
+    assert cfg.client_ranks == 2

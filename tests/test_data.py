@@ -214,6 +214,35 @@ def test_client_batches_resume_mid_epoch(tok):
         ClientBatches(data, 3, seed=10, pad_token_id=0).load_state_dict(state)
 
 
+
+@pytest.mark.parametrize("n,batch_size", [(11, 3), (12, 3), (5, 8)])
+def test_client_batches_skip_to_matches_serving_that_many(tok, n, batch_size):
+    data = _tokenized(tok, n)
+    ref = ClientBatches(data, batch_size, seed=4, pad_token_id=tok.pad_token_id)
+    total = 3 * ref.batches_per_epoch + 2  # across several epoch boundaries
+    served, states = [], []
+    for _ in range(total):
+        states.append(ref.state_dict())
+        served.append(next(ref))
+    stream = ClientBatches(data, batch_size, seed=4, pad_token_id=tok.pad_token_id)
+    for _ in range(5):  # skip_to is absolute: where the stream was does not matter
+        next(stream)
+    for b in [0, 1, ref.batches_per_epoch - 1, ref.batches_per_epoch, total - 1, 2, 0]:
+        stream.skip_to(b)
+        assert stream.state_dict() == states[b]
+        got = next(stream)
+        assert all(torch.equal(got[k], served[b][k]) for k in served[b])
+        if b + 1 < total:  # and it carries on from there
+            after = next(stream)
+            assert all(torch.equal(after[k], served[b + 1][k]) for k in after)
+
+
+def test_client_batches_skip_to_refuses_bad_counts(tok):
+    stream = ClientBatches(_tokenized(tok, 4), 2, seed=0, pad_token_id=tok.pad_token_id)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="batches_consumed must be an int >= 0"):
+            stream.skip_to(bad)
+
 def test_pooled_batches_is_concatenation(tok):
     data = _tokenized(tok, 17)
     shards = iid_partition(len(data), 3, seed=0)

@@ -172,3 +172,22 @@ def test_plan_instruction_with_chat_template(tmp_path):
     assert text.endswith("### Response:\n" + records[i]["output"])  # Alpaca text, no extra separator
     with pytest.raises(ConfigError, match="data.validation: file 'nope.json' does not exist"):
         plan_data(DataConfig(**{**cfg.__dict__, "validation": "nope.json"}), 2, 0)
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_plan_synthetic_for_a_hundred_logical_clients(partition):
+    # Many data owners on few ranks (federation.client_ranks < clients): the plan is still one
+    # shard per logical client, disjoint, covering the data, and the same on every rank.
+    extra = {"partition_key": "eatType"} if partition == "dirichlet" else {}
+    cfg = DataConfig(num_samples=2000, partition=partition, **extra)
+    plan = plan_data(cfg, 100, seed=3)
+    assert len(plan.shards) == 100 and len(plan.val_shards) == 100
+    flat = sorted(i for s in plan.shards for i in s)
+    assert flat == list(range(2000)) and min(plan.sample_counts()) >= 1
+    if partition == "iid":
+        assert set(plan.sample_counts()) == {20}
+    else:
+        assert len(plan.histograms) == 100 and max(plan.sample_counts()) > 20  # skewed sizes
+    assert plan_data(cfg, 100, seed=3).shards == plan.shards
+    with pytest.raises(ConfigError, match="federation.clients: 2001 clients but only 2000 training samples"):
+        plan_data(cfg, 2001, seed=3)

@@ -60,6 +60,21 @@ class ClientBatches:
             self._order = self._order_for(self.epoch)
         return collate([self.examples[i] for i in idx], self.pad_token_id)
 
+    def skip_to(self, batches_consumed: int) -> None:
+        """Put the stream where it is after serving `batches_consumed` batches from its start
+        (absolute: the current position does not matter).
+
+        Batches never span epochs, so every epoch is `batches_per_epoch` batches and the state
+        follows by arithmetic, without drawing or collating the skipped batches: this is how a
+        logical client's stream resumes from its participation count alone
+        (federation/participation.py), with no position stored.
+        """
+        if isinstance(batches_consumed, bool) or not isinstance(batches_consumed, int) or batches_consumed < 0:
+            raise ValueError(f"skip_to: batches_consumed must be an int >= 0, got {batches_consumed!r}")
+        epoch, within = divmod(batches_consumed, self.batches_per_epoch)
+        self.epoch, self.position = epoch, within * self.batch_size
+        self._order = self._order_for(epoch)
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "num_samples": self.num_samples, "batch_size": self.batch_size}

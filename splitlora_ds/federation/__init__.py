@@ -9,6 +9,8 @@ way of aggregating, each behind `strategy.Aggregator` (`aggregate_(masters) -> b
   (dense updates for stacked, padded factors for zero_pad).
 - `private`: `Private`, DP update clipping and noise around FedAvg or SecureFedAvg.
 - `build`: `build_aggregator`, which of them a rank runs.
+- `participation`: which logical clients take part in each round and which rank runs each
+  (pure functions of the seed and round, for more data owners than ranks).
 
 The sequential hand-over (one client's adapters to the next) is point to point, in the engine.
 """
