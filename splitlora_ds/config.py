@@ -438,6 +438,31 @@ class RunConfig:
         # Heterogeneous clients (per-client ranks and split points, budgets; stacked and zero_pad)
         # aggregate securely too (federation/secure_lowrank.py). DP update clipping stays
         # FedAvg-only (refused above), with or without secure aggregation.
+        if self.logical_clients:
+            self._check_logical_clients(hetero)
+
+    def _check_logical_clients(self, hetero: bool) -> None:
+        """Logical clients (federation.client_ranks / clients_per_round) run with FedAvg of equal
+        clients in split (standard topology) and fedlora; the rest is refused by name."""
+        field = "federation.client_ranks" if self.federation.client_ranks is not None else "federation.clients_per_round"
+        value = getattr(self.federation, field.split(".")[1])
+        unsupported = [
+            (self.mode not in ("split", "fedlora"), f"mode={self.mode}"),
+            (hetero, "per-client split points, ranks or budgets"),
+            (self.federation.aggregation not in ("auto", "fedavg"), f"federation.aggregation={self.federation.aggregation}"),
+            (self.split.client_tail_layers is not None and self.mode == "split", "split.client_tail_layers"),
+            (self.privacy.update_clip is not None, "privacy.update_clip"),
+            (self.privacy.activation_clip is not None, "privacy.activation_clip"),
+            (self.importance.enabled, "importance"),
+        ]
+        for refused, what in unsupported:
+            _require(not refused, field, value, f"logical clients do not support {what} yet")
+
+    @property
+    def logical_clients(self) -> bool:
+        """More data owners than client ranks, or a sample of them per round: ranks serve logical
+        clients (federation/participation.py). Set explicitly, even to federation.clients."""
+        return self.federation.client_ranks is not None or self.federation.clients_per_round is not None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -463,9 +488,9 @@ class RunConfig:
 
     @property
     def world_size(self) -> int:
-        """Ranks this run needs: C + S when split, C for fedlora, 1 when centralized."""
-        return {"centralized": 1, "fedlora": self.federation.clients}.get(
-            self.mode, self.federation.clients + self.split.server_stages)
+        """Ranks this run needs: R + S when split, R for fedlora, 1 when centralized (R: the client
+        ranks, federation.clients unless federation.client_ranks says fewer)."""
+        return {"centralized": 1, "fedlora": self.client_ranks}.get(self.mode, self.client_ranks + self.split.server_stages)
 
 
 # --------------------------------------------------------------------------- loading

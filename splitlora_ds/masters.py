@@ -51,3 +51,15 @@ def copy_masters_to_params_(masters: Mapping[str, torch.Tensor], params: Mapping
         master = masters[name]
         if master is not p:
             p.copy_(master)
+
+
+def reset_optimizer_state_(optimizer) -> None:
+    """Forget every moment the optimizer keeps (Adam's m and v, momentum), through DeepSpeed's
+    wrappers: a logical client's participation starts with a fresh optimizer, as a new client's
+    would. Parameters, masters and the LR schedule are left as they are."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer.state.clear()
+        optimizer = getattr(optimizer, "optimizer", None)

@@ -7,8 +7,9 @@ here and one schedule class in runtime/schedules.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
+from .federation.participation import Participation
 from .runtime.schedules import SCHEDULES, Schedule
 from .topology import Role, Topology
 
@@ -65,9 +66,10 @@ class Mode:
         return False
 
     def schedule(self, aggregate_every: int, max_steps: int, micro_batches: int = 1,
-                 server_aggregates: bool = False, clip_global: bool = False) -> Schedule:
+                 server_aggregates: bool = False, clip_global: bool = False,
+                 participation: Optional[Participation] = None) -> Schedule:
         return SCHEDULES[self.name](self.layout, aggregate_every, max_steps, micro_batches,
-                                    server_aggregates, clip_global, self.u_shaped)
+                                    server_aggregates, clip_global, self.u_shaped, participation)
 
 
 @dataclass(frozen=True)

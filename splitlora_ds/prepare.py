@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -22,6 +22,8 @@ from .data import ClientBatches, collate, concat_batches, load_tokenizer, pooled
 from .data.build import DataPlan, plan_data, tokenize_client
 from .ds_config import check_fused_adam, load_ds_config, precision_dtype
 from .errors import ConfigError
+from .federation.participation import Participation, assign, spread_ranks
+from .federation.pool import ClientPool
 from .hetero.setup import ClientSetup, resolve_setup
 from .models import get_family
 from .models.lora import target_modules_in_family
@@ -61,6 +63,9 @@ class Prepared:
     resume_parts: dict[int, Path] = field(default_factory=dict)
     resume_problem: str = ""  # why a part was not usable (another run, damaged, missing), if one was not
     setup: Optional[ClientSetup] = None  # split/sequential: per-client split points, ranks, aggregation
+    # Logical clients: who trains where in each round, and (on a client rank) the clients it may serve.
+    participation: Optional[Participation] = None
+    pool: Optional[ClientPool] = None
 
     @property
     def mode(self) -> Mode:
@@ -71,7 +76,7 @@ class Prepared:
     def schedule(self) -> Schedule:
         return self.mode.schedule(self.cfg.federation.aggregate_every, self.max_steps, self.cfg.micro_batches,
                                   server_aggregates=self.setup is not None and self.setup.shared_blocks,
-                                  clip_global=self.clip_global)
+                                  clip_global=self.clip_global, participation=self.participation)
 
     @property
     def clip_global(self) -> bool:
@@ -106,24 +111,27 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
     ds_config = load_ds_config(cfg.deepspeed_config)
     if not dry_run:
         check_fused_adam(ds_config, cfg.deepspeed_config)
-    topology = Topology(cfg.federation.clients, cfg.split.server_stages)
+    # Client ranks: one per client, or federation.client_ranks serving the logical clients.
+    ranks_field = "federation.client_ranks" if cfg.federation.client_ranks is not None else "federation.clients"
+    topology = Topology(cfg.client_ranks, cfg.split.server_stages)
 
     setup = None
     if cfg.mode in ("split", "sequential"):
         setup = resolve_setup(cfg, family, hf_config, ds_config)
-        plan = make_split_plan(num_blocks, list(setup.client_layers),
+        # logical clients are all alike (config.py): the first R clients' split points are the ranks'
+        plan = make_split_plan(num_blocks, list(setup.client_layers)[:topology.clients],
                                topology.server_stages, cfg.split.partition_method,
                                _block_weights(family, hf_config) if cfg.split.partition_method == "parameters" else None,
                                cfg.split.client_tail_layers)
         if not dry_run:
-            topology.check_world_size(world)
+            topology.check_world_size(world, ranks_field)
         role = topology.role_of(rank if not dry_run else 0)
         stage_plan = plan.clients[role.index] if role.is_client else plan.server[role.index]
     elif cfg.mode == "fedlora":
         # The FedLoRA baseline: every client rank holds the whole model; there is no server.
-        topology = Topology(cfg.federation.clients, 0)
+        topology = Topology(cfg.client_ranks, 0)
         if world != topology.clients and not dry_run:
-            raise ConfigError(f"world size {world} != federation.clients ({topology.clients}) for mode=fedlora "
+            raise ConfigError(f"world size {world} != {ranks_field} ({topology.clients}) for mode=fedlora "
                               f"(every rank is a client with the whole model); launch with "
                               f"`deepspeed --num_gpus {topology.clients} ...`")
         plan, role = None, topology.role_of(rank if not dry_run else 0)
@@ -242,7 +250,13 @@ def _prepare_data(prep: Prepared) -> None:
     counts = data_plan.sample_counts()
     prep.max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * (sum(counts) / clients) / cfg.train.batch_size)
     eval_bs = cfg.eval.batch_size or cfg.train.batch_size
-    longest_val = max(len(v) for v in data_plan.val_shards) if data_plan.val_shards else 0
+    if cfg.logical_clients and role.kind != "centralized":
+        prep.participation = Participation(seed, (0,) * clients, tuple(spread_ranks((0,) * clients, cfg.client_ranks)),
+                                           cfg.clients_per_round, cfg.federation.aggregate_every, prep.max_steps)
+    # A client rank evaluates the validation shards of its clients (its home clients with logical
+    # clients: the ones it would run if every client took part).
+    val_sizes = [sum(len(data_plan.val_shards[c]) for c in home) for home in _home_clients(prep)]
+    longest_val = max(val_sizes, default=0)
     prep.num_eval_batches = min(math.ceil(longest_val / eval_bs), cfg.eval.max_batches or 10**12)
     if cfg.eval.every and not prep.num_eval_batches:
         raise ConfigError(f"eval.every: {cfg.eval.every}, but there is no validation data; set "
@@ -250,6 +264,12 @@ def _prepare_data(prep: Prepared) -> None:
     if role.is_server:
         return
 
+    def stream(c: int, train_rows: list[dict]) -> ClientBatches:
+        return ClientBatches(train_rows, cfg.train.batch_size, _client_seed(seed, c), tokenizer.pad_token_id)
+
+    if prep.participation is not None:
+        _prepare_logical_clients(prep, tokenizer, stream)
+        return
     owned = [role.index] if role.is_client else list(range(clients))
     streams, val_batches = [], []
     for c in owned:
@@ -257,7 +277,7 @@ def _prepare_data(prep: Prepared) -> None:
         if tok_counts.truncated or tok_counts.dropped:
             print(f"[splitlora_ds] client{c}: {tok_counts.truncated} samples truncated, {tok_counts.dropped} "
                   f"dropped (data.overlong={d.overlong}, data.max_length={d.max_length})", file=sys.stderr)
-        streams.append(ClientBatches(train_rows, cfg.train.batch_size, _client_seed(seed, c), tokenizer.pad_token_id))
+        streams.append(stream(c, train_rows))
         val_batches.append([collate(val_rows[i:i + eval_bs], tokenizer.pad_token_id)
                             for i in range(0, len(val_rows), eval_bs)][:prep.num_eval_batches])
     prep.num_samples = sum(s.num_samples for s in streams)
@@ -280,6 +300,31 @@ def _pool_eval_batches(per_client: list[list[dict]], count: int, pad_token_id: i
                                  for batches in per_client]
         pooled.append(batch)
     return pooled
+
+
+def _home_clients(prep: Prepared) -> list[list[int]]:
+    """Per client rank, the clients whose validation shards it evaluates: itself, or with logical
+    clients those it would run if every client took part."""
+    clients = prep.cfg.federation.clients
+    if prep.participation is None:  # the centralized run pools batch j of every client (the same count)
+        return [[c] for c in range(clients)]
+    return assign(range(clients), prep.participation.client_class, prep.participation.rank_class)
+
+
+def _prepare_logical_clients(prep: Prepared, tokenizer, stream: Callable[[int, list[dict]], ClientBatches]) -> None:
+    """A client rank serving logical clients tokenizes a client's shard when it starts serving it
+    (ClientPool), and its home clients' validation shards now, as one list of batches."""
+    cfg, data_plan, d = prep.cfg, prep.data_plan, prep.cfg.data
+    eval_bs = cfg.eval.batch_size or cfg.train.batch_size
+
+    def make_stream(c: int) -> ClientBatches:
+        train_rows, _, _ = tokenize_client(data_plan, c, tokenizer, d)
+        return stream(c, train_rows)
+
+    prep.pool = ClientPool(prep.participation, data_plan.sample_counts(), make_stream)
+    rows = [row for c in _home_clients(prep)[prep.role.index] for row in tokenize_client(data_plan, c, tokenizer, d)[1]]
+    prep.eval_batches = [collate(rows[i:i + eval_bs], tokenizer.pad_token_id)
+                         for i in range(0, len(rows), eval_bs)][:prep.num_eval_batches]
 
 
 def _client_seed(seed: int, client: int) -> int:

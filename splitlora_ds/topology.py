@@ -64,10 +64,12 @@ class Topology:
             return Role("client", rank, rank)
         return Role("server", rank - self.clients, rank)
 
-    def check_world_size(self, world_size: int) -> None:
+    def check_world_size(self, world_size: int, clients_field: str = "federation.clients") -> None:
+        """`clients_field`: what sets the client rank count (federation.client_ranks with logical
+        clients), for the message."""
         if world_size != self.world_size:
             raise ConfigError(
-                f"world size {world_size} != federation.clients ({self.clients}) + "
+                f"world size {world_size} != {clients_field} ({self.clients}) + "
                 f"split.server_stages ({self.server_stages}) = {self.world_size}; "
                 f"launch with `deepspeed --num_gpus {self.world_size} ...` or change the recipe")
 

@@ -37,6 +37,8 @@ from .plan_report import setup_report, u_shaped_line
 from .prepare import Prepared
 from .rank_state import load_state, rank_parts, save_state
 from .run_summary import RunSummary, current_rss_bytes
+from .client_figures import participation_figures, step_client_figures
+from .federation.participation import participations
 from .stage import build_stage, save_adapters
 from .topology import SingleRankMPU, init_distributed, make_groups, select_device
 
@@ -70,7 +72,10 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     micro = cfg.train.batch_size * (topology.clients if serves_all else 1)
     # LR schedules span the optimizer steps this role takes: a sequential server steps for every
     # client's turn, each client only for its own.
+    # With logical clients a client rank steps for every participation it runs.
     optimizer_steps = schedule.steps if role.is_server else prep.max_steps
+    if role.is_client and prep.participation is not None:
+        optimizer_steps = prep.participation.rank_steps(role.index)
     ds_cfg = role_ds_config(prep.ds_config, micro, optimizer_steps, clips_itself=not prep.clip_global)
     engine, *_ = deepspeed.initialize(model=stage, model_parameters=list(stage.adapter_parameters().values()),
                                       config=ds_cfg, mpu=SingleRankMPU(groups.own, prep.rank))
@@ -79,7 +84,11 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     staging = torch.device("cpu") if dist.get_backend() == "gloo" else device
     sample_counts = _sample_counts(prep, groups, staging)
     client_weights = sample_weights(sample_counts) if sample_counts else []
-    weight = client_weights[role.index] if role.is_client else 1.0
+    weight = client_weights[role.index] if role.is_client and prep.pool is None else 1.0
+    if prep.pool is not None:
+        # each rank sums its participants' weighted adapters (the pool knows their weights), and
+        # the aggregator adds the ranks' sums up
+        client_weights = [1.0] * topology.clients
     clip = None
     if prep.clip_global:
         # A sequential client trains alone with the server in its turn: its gradient is all there is.
@@ -101,11 +110,13 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     if setup is not None and setup.shared_blocks and role.is_server and role.index == 0:
         hetero = Hetero(list(prep.plan.entry_layers), client_weights)
     runner = Executor(RoleParts(
-        role, mode, schedule, stage, engine, p2p, groups, clients=cfg.federation.clients, batches=prep.batches,
+        role, mode, schedule, stage, engine, p2p, groups, clients=_per_client_slots(prep), batches=prep.batches,
         packing=Packing(cfg.train.pack, cfg.train.pack_length), label_smoothing=cfg.train.label_smoothing,
         aggregator=aggregator, hetero=hetero, clip=clip, importance=tracker, privacy=privacy,
-        client_weights=client_weights, observers=observers))
-    start = _restore(prep, stage, engine, p2p, tracker, privacy) if prep.resume else 0
+        client_weights=client_weights, pool=prep.pool, observers=observers))
+    logical = runner if prep.pool is not None else None  # its state: the last aggregate, the round's sum
+    start = _restore(prep, stage, engine, p2p, tracker, privacy, logical) if prep.resume else 0
+    runner.resume_participation(start)
     if privacy is not None:
         privacy.remember_start(list(runner.masters.values()))
     main = prep.rank == mode.main_rank
@@ -128,6 +139,13 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
         summary.add_step(stats.seconds, stats.compute_seconds, stats.tokens if stats.loss is not None else 0,
                          stats.positions, stats.real_tokens)
         values = _step_values(stats, p2p, role)
+        if stats.loss is not None:
+            values.update(step_client_figures(stats.client_loss, stats.client_tokens, _client_ids(prep, step),
+                                              cfg.federation.clients))
+        if main and prep.participation is not None and schedule.aggregates(step):
+            round_index = prep.participation.locate(step).round.round_index
+            values.update(participation_figures(participations(cfg.train.seed, round_index + 1,
+                                                               cfg.federation.clients, cfg.clients_per_round)))
         if privacy is not None:
             values.update(privacy.epsilons())
         if tracker is not None:
@@ -142,13 +160,12 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
             result = runner.evaluate(prep.eval_batches, prep.num_eval_batches, step)
             if result is not None:
                 summary.eval_seconds += result.seconds
-                values.update(_eval_values(result))
+                values.update(_eval_values(result, per_client=prep.participation is None))
                 progress.write(f"[splitlora_ds] eval after step {step + 1}: loss {result.loss:.4f}  "
                                f"ppl {values['eval/ppl']:.2f}  ({result.tokens} tokens, {result.seconds:.1f} s)")
         writer.scalars(step, values)
-        every = schedule.every(cfg.checkpoint.every)
-        if cfg.checkpoint.dir and (step == max_steps - 1 or (every and (step + 1) % every == 0)):
-            path = _save_checkpoint(prep, step + 1, stage, engine, p2p, sample_counts, tracker, privacy)
+        if cfg.checkpoint.dir and (step == max_steps - 1 or schedule.is_due(step, cfg.checkpoint.every)):
+            path = _save_checkpoint(prep, step + 1, stage, engine, p2p, sample_counts, tracker, privacy, logical)
             progress.write(f"[splitlora_ds] checkpoint: {path}")
     progress.close()
     writer.close()
@@ -183,7 +200,7 @@ def _log_run_start(prep: Prepared, writer: MetricsWriter, main: bool, start: int
         writer.text("data", f"```\n{prep.data_plan.describe()}\n```")
         if prep.setup is not None and (prep.setup.exchanges or prep.setup.plan_text):
             writer.text("clients", f"```\n{setup_report(prep.setup)}\n```")
-    if role.is_client and not start:
+    if role.is_client and not start and prep.pool is None:  # with logical clients a rank is no client
         c = role.index
         writer.scalars(0, {f"client{c}/samples": prep.num_samples, f"client{c}/fedavg_weight": weight})
         writer.text(f"client{c}/label_histogram", str(prep.data_plan.histograms[c]))
@@ -200,18 +217,31 @@ def _step_values(stats: StepStats, p2p: P2P, role) -> dict[str, float]:
     if stats.loss is not None:
         values.update({"train/loss": stats.loss, "train/tokens": stats.tokens,
                        "train/tokens_per_s": stats.tokens / max(stats.seconds, 1e-9)})
-        for c, (loss, tokens) in enumerate(zip(stats.client_loss, stats.client_tokens)):
-            if tokens:  # a sequential server serves one client per step
-                values[f"client{c}/loss"] = loss
-                values[f"client{c}/tokens"] = tokens
     return values
 
 
-def _eval_values(result: EvalStats) -> dict[str, float]:
+def _client_ids(prep: Prepared, step: int) -> list[Optional[int]]:
+    """The client behind each of the executor's per-client figures in step `step`."""
+    if prep.participation is None:
+        return list(range(prep.cfg.federation.clients))
+    place = prep.participation.locate(step)
+    return [place.client_of(r) for r in range(prep.topology.clients)]
+
+
+def _eval_values(result: EvalStats, per_client: bool = True) -> dict[str, float]:
+    """`per_client`: one rank per client (with logical clients a rank scores several clients'
+    validation shards as one, so there is no per-client figure)."""
     ppl = math.exp(min(result.loss, _MAX_LOG_PPL))
     values = {"eval/loss": result.loss, "eval/ppl": ppl, "eval/tokens": result.tokens}
-    values.update({f"client{c}/eval_loss": loss for c, loss in enumerate(result.client_loss)})
+    if per_client:
+        values.update({f"client{c}/eval_loss": loss for c, loss in enumerate(result.client_loss)})
     return values
+
+
+def _per_client_slots(prep: Prepared) -> int:
+    """The length of the executor's per-client figures: one per client, or one per client rank
+    when ranks serve logical clients (the trainer maps rank to client for logging)."""
+    return prep.topology.clients if prep.participation is not None else prep.cfg.federation.clients
 
 
 def _barrier(prep: Prepared, step: int, during: str) -> None:
@@ -230,6 +260,8 @@ def _sample_counts(prep: Prepared, groups, staging: torch.device) -> list[int]:
     none."""
     if prep.role.kind == "centralized":
         return [s.num_samples for s in prep.streams]
+    if prep.participation is not None:  # every rank planned the data: the logical clients' counts
+        return prep.data_plan.sample_counts()
     group = groups.aggregation if prep.setup is not None and prep.setup.shared_blocks else groups.clients
     if prep.mode.u_shaped:
         group = dist.group.WORLD  # the server weighs each client's loss by its FedAvg weight
@@ -256,12 +288,12 @@ def _aggregator(prep: Prepared, stage, groups, client_weights: list[float], stag
 
 
 def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, sample_counts: list[int],
-                     tracker: Optional[ImportanceTracker], privacy: Optional[ClientPrivacy]) -> str:
+                     tracker: Optional[ImportanceTracker], privacy: Optional[ClientPrivacy], logical=None) -> str:
     """Every rank writes its part and its marker under checkpoint.dir as resolved on its host,
     then prunes its own old parts; no rank reads another's files (hosts need not share a disk)."""
     cfg = prep.cfg
     directory = ckpt.step_dir(cfg.checkpoint.dir, steps_done)
-    state = save_state(rank_parts(engine, p2p, prep.streams, tracker, privacy))
+    state = save_state(rank_parts(engine, p2p, prep.streams, tracker, privacy, logical))
     adapters = stage.adapter_parameters()
     ckpt.save_rank(directory, prep.role.name, adapters, state)
     layout = prep.mode.layout
@@ -308,7 +340,7 @@ def _gather_summaries(prep: Prepared, summary: RunSummary, main: bool) -> None:
 
 
 def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[ImportanceTracker],
-             privacy: Optional[ClientPrivacy]) -> int:
+             privacy: Optional[ClientPrivacy], logical=None) -> int:
     """Load this rank's checkpoint part: adapters, optimizer, scheduler, RNG, data position."""
     loaded = prep.resume
     for module, (rank, _cost) in resizable(stage).items():  # ranks a re-plan changed before the save
@@ -319,7 +351,7 @@ def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[Importan
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(loaded.adapters[name].to(p.device, p.dtype))
-    load_state(rank_parts(engine, p2p, prep.streams, tracker, privacy), loaded.state)
+    load_state(rank_parts(engine, p2p, prep.streams, tracker, privacy, logical), loaded.state)
     engine.global_steps = loaded.step
     return loaded.step
 
@@ -345,6 +377,12 @@ def _announce(prep: Prepared) -> None:
               f"step(s)", flush=True)
     if prep.mode.u_shaped:
         print(f"[splitlora_ds]   {u_shaped_line(cfg.split.client_tail_layers)}", flush=True)
+    if prep.participation is not None:
+        p = prep.participation
+        print(f"[splitlora_ds]   logical clients: {p.num_clients} on {p.num_ranks} client rank(s), {p.per_round} per "
+              f"round (seed {cfg.train.seed}); {p.rounds} rounds of up to "
+              f"{max(plan.slots for plan in p.plans)} slot(s) x {cfg.federation.aggregate_every} step(s), "
+              f"{p.steps} steps in all", flush=True)
     if setup is not None and setup.plan_text:
         for line in setup.plan_text.splitlines():
             print(f"[splitlora_ds]   {line}", flush=True)

@@ -176,3 +176,112 @@ def plan_round(seed: int, round_index: int, client_class: Sequence[Hashable],
     sampled = sample_round(seed, round_index, len(client_class), per_round)
     per_rank = assign(sampled, client_class, rank_class)
     return RoundPlan(round_index, tuple(sampled), tuple(tuple(cs) for cs in per_rank))
+
+
+@dataclass(frozen=True)
+class StepPlace:
+    """Where one step of a run with logical clients falls: its round, its slot in the round, and
+    its local step within the slot (0 .. length - 1)."""
+
+    round: RoundPlan
+    slot: int
+    local_step: int
+    length: int  # the slot's local steps: I, or what is left of train.max_steps in the last round
+    round_start: int  # the round's first local step (r x I): each participant's progress before it
+
+    @property
+    def starts_slot(self) -> bool:
+        return self.local_step == 0
+
+    @property
+    def ends_slot(self) -> bool:
+        return self.local_step == self.length - 1
+
+    @property
+    def ends_round(self) -> bool:
+        return self.ends_slot and self.slot == self.round.slots - 1
+
+    def client_of(self, rank: int) -> Optional[int]:
+        return self.round.client_of(rank, self.slot)
+
+    @property
+    def active_ranks(self) -> tuple[int, ...]:
+        return self.round.active_ranks(self.slot)
+
+
+@dataclass(frozen=True)
+class Participation:
+    """A whole run's rounds, for the schedule: round r is `slots` slots of `length_r` local steps
+    (I, the last round what is left of `max_steps`), so the run takes sum_r slots_r x length_r
+    steps; every participant trains `max_steps` local steps over the rounds it takes part in.
+
+    `stateless`: N > R, so a rank runs different clients and each participation starts from the
+    global adapters with a fresh optimizer state. With one rank per client (R = N) a rank always
+    runs the same client and keeps its optimizer state, as a federation without logical clients
+    does."""
+
+    seed: int
+    client_class: tuple[Hashable, ...]
+    rank_class: tuple[Hashable, ...]
+    per_round: int
+    aggregate_every: int
+    max_steps: int
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.aggregate_every < 1:
+            raise ValueError(f"Participation: max_steps {self.max_steps} and aggregate_every "
+                             f"{self.aggregate_every} must be >= 1")
+        rounds = -(-self.max_steps // self.aggregate_every)
+        plans = tuple(plan_round(self.seed, r, self.client_class, self.rank_class, self.per_round)
+                      for r in range(rounds))
+        starts, total = [], 0
+        for r, plan in enumerate(plans):
+            starts.append(total)
+            total += plan.slots * self.round_length(r)
+        object.__setattr__(self, "plans", plans)
+        object.__setattr__(self, "_starts", tuple(starts))
+        object.__setattr__(self, "steps", total)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_class)
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.rank_class)
+
+    @property
+    def stateless(self) -> bool:
+        return self.num_clients > self.num_ranks
+
+    @property
+    def rounds(self) -> int:
+        return len(self.plans)
+
+    def round_length(self, r: int) -> int:
+        return min(self.aggregate_every, self.max_steps - r * self.aggregate_every)
+
+    def locate(self, step: int) -> StepPlace:
+        if not 0 <= step < self.steps:
+            raise ValueError(f"locate: step {step} outside the run's {self.steps} steps")
+        r = max(i for i, s in enumerate(self._starts) if s <= step)
+        length = self.round_length(r)
+        slot, local = divmod(step - self._starts[r], length)
+        return StepPlace(self.plans[r], slot, local, length, r * self.aggregate_every)
+
+    def consumed(self, client: int, round_index: int) -> int:
+        """Batches `client`'s data stream served before round `round_index` (its local steps)."""
+        return sum(self.round_length(r) for r in range(round_index) if client in self.plans[r].sampled)
+
+    def rank_steps(self, rank: int) -> int:
+        """Optimizer steps `rank` takes over the run (its LR schedule's length)."""
+        return sum(len(p.per_rank[rank]) * self.round_length(r) for r, p in enumerate(self.plans))
+
+    def progress(self, step: int) -> int:
+        """Local steps of the rounds completed by the end of `step` (eval and checkpoint cadence)."""
+        place = self.locate(step)
+        return place.round_start + place.length if place.ends_round else place.round_start
+
+    def active_sets(self) -> list[tuple[int, ...]]:
+        """Every distinct set of ranks that trains together in one step (global clipping groups)."""
+        return sorted({p.active_ranks(s) for p in self.plans for s in range(p.slots)})

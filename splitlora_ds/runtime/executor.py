@@ -33,7 +33,8 @@ from ..comm import P2P
 from ..failures import PeerLost, wait_on
 from ..federation.fedavg import broadcast_, flat_nbytes
 from ..hetero.importance import ImportanceTracker
-from ..masters import adapter_masters, copy_masters_to_params_
+from ..federation.pool import ClientPool
+from ..masters import adapter_masters, copy_masters_to_params_, reset_optimizer_state_
 from ..modes import Mode
 from ..privacy.dp import ClientPrivacy
 from ..stage import SharedBlockGrad, Stage
@@ -110,6 +111,9 @@ class RoleParts:
     privacy: Optional[ClientPrivacy] = None  # a client's DP mechanisms (privacy.*), None when off
     # every client's FedAvg weight: a U-shaped split's server weighs each client's loss by it
     client_weights: Sequence[float] = ()
+    # logical clients: the clients this client rank may serve (None: it is one client, always);
+    # its aggregator then sums the ranks' weighted round sums (weight 1)
+    pool: Optional[ClientPool] = None
     observers: Sequence[Observer] = ()
 
 
@@ -132,7 +136,16 @@ class Executor:
         self.step_counts: Optional[torch.Tensor] = None  # [clients] target tokens of this step per client
         self.pending: list[tuple[list, int]] = []  # sends in flight: (work handles, peer)
         self.stats = StepStats(-1)
+        self.step = -1
         self._grads_ready = False
+        self.batches = parts.batches  # the stream LoadBatch reads (a logical client's while it trains)
+        # Logical clients: the last aggregate (each participation starts from it) and this rank's
+        # share of the round's weighted sum of its participants' adapters.
+        self.global_masters: list[torch.Tensor] = []
+        self.round_sum: list[torch.Tensor] = []
+        if parts.pool is not None:
+            self.global_masters = [m.detach().clone() for m in self.masters.values()]
+            self.round_sum = [torch.zeros_like(m, dtype=torch.float32) for m in self.masters.values()]
         self._handlers = {
             I.LoadBatch: self._load_batch,
             I.LoadEvalBatch: self._load_eval_batch,
@@ -157,6 +170,8 @@ class Executor:
             I.RecvAdapters: self._recv_adapters,
             I.ShareAdapters: self._share_adapters,
             I.TurnBarrier: self._turn_barrier,
+            I.BeginParticipation: self._begin_participation,
+            I.EndParticipation: self._end_participation,
         }
 
     # ------------------------------------------------------------------ driver
@@ -242,6 +257,7 @@ class Executor:
                 raise
 
     def _reset(self, step: int) -> None:
+        self.step = step
         self.buffers = {}
         self.step_counts = None
         self.stats = StepStats(step)
@@ -249,7 +265,7 @@ class Executor:
 
     # ------------------------------------------------------------------ loading
     def _load_batch(self, _: I.LoadBatch) -> None:
-        self._use_batch(next(self.parts.batches), self.schedule.micro_batches)
+        self._use_batch(next(self.batches), self.schedule.micro_batches)
 
     def _load_eval_batch(self, _: I.LoadEvalBatch) -> None:
         self._use_batch(next(self.eval_batches), 1)
@@ -513,7 +529,15 @@ class Executor:
         return values[:c], [int(t) for t in values[c:]]
 
     def _average_adapters(self, _: I.AverageAdapters) -> None:
+        if self.parts.pool is not None:
+            # the aggregator sums every rank's share of the round's weighted sum
+            with torch.no_grad():
+                for m, share in zip(self.masters.values(), self.round_sum):
+                    m.copy_(share)
+                    share.zero_()
         nbytes = self.parts.aggregator.aggregate_(self.masters)
+        if self.parts.pool is not None:
+            self.global_masters = [m.detach().clone() for m in self.masters.values()]
         if self.role.is_client:  # server stage 0 plays the aggregator: its copies do not travel
             # Counted as a FedAvg server would see it, whatever the collective: each client uploads
             # its adapters and downloads the result at its own shapes.
@@ -551,3 +575,48 @@ class Executor:
     def _turn_barrier(self, _: I.TurnBarrier) -> None:
         dist.barrier(group=self.parts.groups.clients)
 
+
+    # ------------------------------------------------------------------ logical clients
+    @torch.no_grad()
+    def _begin_participation(self, ins: I.BeginParticipation) -> None:
+        """Start training client `ins.client`: its stream at its position, and (when ranks serve
+        several clients) the global adapters with a fresh optimizer state."""
+        pool = self.parts.pool
+        place = pool.participation.locate(self.step)
+        self.batches = pool.stream(ins.client, place.round.round_index)
+        if self.parts.clip is not None:
+            self.parts.clip.weight = pool.slot_weight(ins.client, place.round, place.slot)
+        if pool.participation.stateless:
+            for m, g in zip(self.masters.values(), self.global_masters):
+                m.copy_(g)
+            self._masters_to_params()
+            reset_optimizer_state_(self.engine.optimizer)
+
+    @torch.no_grad()
+    def _end_participation(self, ins: I.EndParticipation) -> None:
+        pool = self.parts.pool
+        weight = pool.weight(ins.client, pool.participation.locate(self.step).round)
+        for share, m in zip(self.round_sum, self.masters.values()):
+            share.add_(m.float(), alpha=weight)
+
+    def resume_participation(self, step: int) -> None:
+        """After a checkpoint of step `step` - 1 was loaded: a participation it interrupted goes on
+        with its client's stream where it stood (adapters and optimizer came from the checkpoint)."""
+        pool = self.parts.pool
+        if pool is None or step >= self.schedule.steps:
+            return
+        place = pool.participation.locate(step)
+        client = place.client_of(self.role.index)
+        if client is not None and not place.starts_slot:
+            self.batches = pool.stream(client, place.round.round_index, place.local_step)
+
+    def state_dict(self) -> dict:
+        """Logical clients: the last aggregate and this rank's share of the round's sum."""
+        return {"global": [t.cpu() for t in self.global_masters], "round_sum": [t.cpu() for t in self.round_sum]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for mine, saved in zip(self.global_masters, state["global"]):
+            mine.copy_(saved)
+        for mine, saved in zip(self.round_sum, state["round_sum"]):
+            mine.copy_(saved)

@@ -123,6 +123,21 @@ class AverageAdapters(Instruction):
 
 
 @dataclass(frozen=True)
+class BeginParticipation(Instruction):
+    """Logical clients: this rank now trains client `client` (federation.clients_per_round):
+    the global adapters, a fresh optimizer state when ranks serve several clients, and that
+    client's data stream at its position."""
+    client: int
+
+
+@dataclass(frozen=True)
+class EndParticipation(Instruction):
+    """Logical clients: client `client`'s participation this round is over; its adapters go into
+    this rank's share of the round's weighted sum."""
+    client: int
+
+
+@dataclass(frozen=True)
 class ReduceLossStats(Instruction):
     """Clients that compute their own loss (fedlora, U-shaped split): sum every client's loss and
     token counts over the clients so the job-wide loss can be logged."""

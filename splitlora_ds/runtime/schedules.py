@@ -46,9 +46,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
+from ..federation.participation import Participation
 from ..topology import Role, Topology
-from .instructions import (AverageAdapters, Backward, ClipGradients, ComputeLoss, Forward, Instruction, LoadBatch,
-                           LoadEvalBatch, OptimizerStep, RecvActivations, RecvAdapters, RecvGrads, RecvTailActivations,
+from .instructions import (AverageAdapters, Backward, BeginParticipation, ClipGradients, ComputeLoss, EndParticipation, Forward, Instruction,
+                           LoadBatch, LoadEvalBatch, OptimizerStep, RecvActivations, RecvAdapters, RecvGrads, RecvTailActivations,
                            RecvTailGrads, ReduceLossStats, SendActivations, SendAdapters, SendGrads, SendTailActivations,
                            SendTailGrads, ShareAdapters, TailBackward, TailForward, TurnBarrier)
 
@@ -163,6 +164,9 @@ class Schedule(ABC):
     clip_global: bool = False
     # U-shaped split: clients hold the tail and compute the loss (see the module docstring).
     u_shaped: bool = False
+    # Logical clients (federation.client_ranks / clients_per_round): which client each rank
+    # trains in each step; None: rank c is client c, in every step.
+    participation: Optional[Participation] = None
 
     @property
     def steps_per_client_step(self) -> int:
@@ -170,26 +174,71 @@ class Schedule(ABC):
 
     @property
     def steps(self) -> int:
+        if self.participation is not None:
+            return self.participation.steps
         return self.max_steps * self.steps_per_client_step
 
-    def every(self, every: int) -> int:
-        """A per-client interval (eval.every, checkpoint.every) in this schedule's steps."""
-        return every * self.steps_per_client_step
+    def is_due(self, step: int, every: int) -> bool:
+        """Whether a per-client interval (eval.every, checkpoint.every; 0: never) ends at step
+        `step`. With logical clients, intervals end only where a round ends, at the first round
+        end that completes a multiple of `every` local steps."""
+        if not every:
+            return False
+        if self.participation is None:
+            return (step + 1) % (every * self.steps_per_client_step) == 0
+        place = self.participation.locate(step)
+        return place.ends_round and self.participation.progress(step) // every > place.round_start // every
 
     def is_eval_step(self, step: int, eval_every: int) -> bool:
-        return is_eval_step(step, self.every(eval_every), self.steps)
+        """Evaluate after every `eval.every`-th local step (0: never mid-run) and after the last one."""
+        return step == self.steps - 1 or self.is_due(step, eval_every)
 
     def aggregates(self, step: int) -> bool:
+        if self.participation is not None:
+            return self.participation.num_clients > 1 and self.participation.locate(step).ends_round
         return self.topology.clients > 1 and is_aggregation_step(step, self.aggregate_every, self.max_steps)
+
+    def active_clients(self, step: int) -> tuple[int, ...]:
+        """The client ranks that train in step `step`."""
+        if self.participation is not None:
+            return self.participation.locate(step).active_ranks
+        return tuple(self.topology.client_ranks)
 
     def clip_ranks(self, step: int) -> Optional[tuple[int, ...]]:
         """The ranks that train together in step `step` and share one gradient norm (None: no
         global clipping this run)."""
-        return tuple(range(self.topology.world_size)) if self.clip_global else None
+        if not self.clip_global:
+            return None
+        return (*self.active_clients(step), *self.topology.server_ranks)
 
     def clip_rank_sets(self) -> list[tuple[int, ...]]:
         """Every distinct `clip_ranks` of the run (each becomes a process group)."""
-        return [tuple(range(self.topology.world_size))] if self.clip_global else []
+        if not self.clip_global:
+            return []
+        active = self.participation.active_sets() if self.participation is not None else [tuple(self.topology.client_ranks)]
+        return [(*ranks, *self.topology.server_ranks) for ranks in active]
+
+    def _client_part(self, role: Role, step: int, local: list[Instruction],
+                     every_step: list[Instruction]) -> list[Instruction]:
+        """A client rank's step: `local` (its training), then `every_step` (collectives of all
+        client ranks), then the aggregation when one is due. With logical clients, a rank trains
+        only in the slots it has a client for, opening and closing each participation; every
+        client rank meets the others once per step (the loss reduction or a barrier), so a rank
+        sitting a slot out never waits longer than one step on a collective."""
+        aggregate = [AverageAdapters()] if self.aggregates(step) else []
+        if self.participation is None:
+            return local + every_step + aggregate
+        place = self.participation.locate(step)
+        client = place.client_of(role.index)
+        out: list[Instruction] = []
+        if client is not None:
+            out += [BeginParticipation(client)] if place.starts_slot else []
+            out += local + ([EndParticipation(client)] if place.ends_slot else [])
+        if self.topology.clients > 1:
+            out += every_step or [TurnBarrier()]
+        else:
+            out += every_step
+        return out + aggregate
 
     def _update(self, step: int) -> list[Instruction]:
         """After the backwards: clip (if global) and step."""
@@ -279,8 +328,7 @@ class FedLoRASchedule(Schedule):
     mode: ClassVar[str] = "fedlora"
 
     def train(self, role: Role, step: int) -> list[Instruction]:
-        out = local_step(self.micro_batches) + self._update(step) + [ReduceLossStats()]
-        return out + ([AverageAdapters()] if self.aggregates(step) else [])
+        return self._client_part(role, step, local_step(self.micro_batches) + self._update(step), [ReduceLossStats()])
 
     def eval(self, role: Role) -> list[Instruction]:
         return [LoadEvalBatch(), Forward(0), ComputeLoss(0)]
@@ -293,12 +341,11 @@ class SplitSchedule(Schedule):
     mode: ClassVar[str] = "split"
 
     def train(self, role: Role, step: int) -> list[Instruction]:
-        topo = self.topology
         if role.is_client:
+            local = self.client_step() + self._update(step)
             # U-shaped: each client has its own loss; the job-wide figure is their sum
-            out = self.client_step() + self._update(step) + ([ReduceLossStats()] if self.u_shaped else [])
-            return out + ([AverageAdapters()] if self.aggregates(step) else [])
-        out = self.server_step(role, tuple(topo.client_ranks)) + self._update(step)
+            return self._client_part(role, step, local, [ReduceLossStats()] if self.u_shaped else [])
+        out = self.server_step(role, self.active_clients(step)) + self._update(step)
         if self.server_aggregates and role.index == 0 and self.aggregates(step):
             out.append(AverageAdapters())
         return out
