@@ -318,11 +318,12 @@ def _prepare_logical_clients(prep: Prepared, tokenizer, stream: Callable[[int, l
     eval_bs = cfg.eval.batch_size or cfg.train.batch_size
 
     def make_stream(c: int) -> ClientBatches:
-        train_rows, _, _ = tokenize_client(data_plan, c, tokenizer, d)
+        train_rows, _, _ = tokenize_client(data_plan, c, tokenizer, d, validation=False)
         return stream(c, train_rows)
 
     prep.pool = ClientPool(prep.participation, data_plan.sample_counts(), make_stream)
-    rows = [row for c in _home_clients(prep)[prep.role.index] for row in tokenize_client(data_plan, c, tokenizer, d)[1]]
+    home = _home_clients(prep)[prep.role.index]
+    rows = [row for c in home for row in tokenize_client(data_plan, c, tokenizer, d, train=False)[1]]
     prep.eval_batches = [collate(rows[i:i + eval_bs], tokenizer.pad_token_id)
                          for i in range(0, len(rows), eval_bs)][:prep.num_eval_batches]
 

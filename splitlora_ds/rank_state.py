@@ -59,7 +59,7 @@ class RngState:
 
 
 def rank_parts(engine, p2p: Stateful, streams: Sequence[Stateful], importance: Optional[Stateful] = None,
-               privacy: Optional[Stateful] = None, participation: Optional[Stateful] = None) -> dict[str, Stateful]:
+               privacy: Optional[Stateful] = None) -> dict[str, Stateful]:
     """Every part of a rank that has state, by its name in the checkpoint."""
     parts: dict[str, Stateful] = {"optimizer": engine.optimizer, "rng": RngState(), "data": StreamsState(streams),
                                   "traffic": p2p}
@@ -69,8 +69,6 @@ def rank_parts(engine, p2p: Stateful, streams: Sequence[Stateful], importance: O
         parts["importance"] = importance
     if privacy is not None:
         parts["privacy"] = privacy
-    if participation is not None:  # logical clients: the last aggregate and the round's sum so far
-        parts["participation"] = participation
     return parts
 
 

@@ -114,9 +114,9 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
         packing=Packing(cfg.train.pack, cfg.train.pack_length), label_smoothing=cfg.train.label_smoothing,
         aggregator=aggregator, hetero=hetero, clip=clip, importance=tracker, privacy=privacy,
         client_weights=client_weights, pool=prep.pool, observers=observers))
-    logical = runner if prep.pool is not None else None  # its state: the last aggregate, the round's sum
-    start = _restore(prep, stage, engine, p2p, tracker, privacy, logical) if prep.resume else 0
-    runner.resume_participation(start)
+    start = _restore(prep, stage, engine, p2p, tracker, privacy) if prep.resume else 0
+    if start:
+        runner.adapters_loaded()
     if privacy is not None:
         privacy.remember_start(list(runner.masters.values()))
     main = prep.rank == mode.main_rank
@@ -165,7 +165,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
                                f"ppl {values['eval/ppl']:.2f}  ({result.tokens} tokens, {result.seconds:.1f} s)")
         writer.scalars(step, values)
         if cfg.checkpoint.dir and (step == max_steps - 1 or schedule.is_due(step, cfg.checkpoint.every)):
-            path = _save_checkpoint(prep, step + 1, stage, engine, p2p, sample_counts, tracker, privacy, logical)
+            path = _save_checkpoint(prep, step + 1, stage, engine, p2p, sample_counts, tracker, privacy)
             progress.write(f"[splitlora_ds] checkpoint: {path}")
     progress.close()
     writer.close()
@@ -288,12 +288,12 @@ def _aggregator(prep: Prepared, stage, groups, client_weights: list[float], stag
 
 
 def _save_checkpoint(prep: Prepared, steps_done: int, stage, engine, p2p: P2P, sample_counts: list[int],
-                     tracker: Optional[ImportanceTracker], privacy: Optional[ClientPrivacy], logical=None) -> str:
+                     tracker: Optional[ImportanceTracker], privacy: Optional[ClientPrivacy]) -> str:
     """Every rank writes its part and its marker under checkpoint.dir as resolved on its host,
     then prunes its own old parts; no rank reads another's files (hosts need not share a disk)."""
     cfg = prep.cfg
     directory = ckpt.step_dir(cfg.checkpoint.dir, steps_done)
-    state = save_state(rank_parts(engine, p2p, prep.streams, tracker, privacy, logical))
+    state = save_state(rank_parts(engine, p2p, prep.streams, tracker, privacy))
     adapters = stage.adapter_parameters()
     ckpt.save_rank(directory, prep.role.name, adapters, state)
     layout = prep.mode.layout
@@ -340,7 +340,7 @@ def _gather_summaries(prep: Prepared, summary: RunSummary, main: bool) -> None:
 
 
 def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[ImportanceTracker],
-             privacy: Optional[ClientPrivacy], logical=None) -> int:
+             privacy: Optional[ClientPrivacy]) -> int:
     """Load this rank's checkpoint part: adapters, optimizer, scheduler, RNG, data position."""
     loaded = prep.resume
     for module, (rank, _cost) in resizable(stage).items():  # ranks a re-plan changed before the save
@@ -351,7 +351,7 @@ def _restore(prep: Prepared, stage, engine, p2p: P2P, tracker: Optional[Importan
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(loaded.adapters[name].to(p.device, p.dtype))
-    load_state(rank_parts(engine, p2p, prep.streams, tracker, privacy, logical), loaded.state)
+    load_state(rank_parts(engine, p2p, prep.streams, tracker, privacy), loaded.state)
     engine.global_steps = loaded.step
     return loaded.step
 

@@ -41,6 +41,16 @@ CASES = [
     (["--set", "lora.target_modules=[wte]", "--set", "split.client_layers=1"],
      "lora.target_modules: ['wte'] match no module in server0"),
     (["--set", "model.pretrained=" + str(ROOT / "tests")], "model.pretrained"),
+    # logical clients: ranges, the world they need, enough samples, what they do not support yet
+    (["--set", "federation.client_ranks=3"], "federation.client_ranks: 3 is invalid; must be between 1 and "
+                                             "federation.clients (2)"),
+    (["--set", "federation.clients_per_round=0"], "federation.clients_per_round: 0 is invalid"),
+    (["--set", "federation.clients=4", "--set", "federation.client_ranks=3"],
+     "world size 3 != federation.client_ranks (3) + split.server_stages (1) = 4"),
+    (["--set", "federation.clients=8", "--set", "federation.client_ranks=2", "--set", "data.num_samples=6"],
+     "federation.clients: 8 clients but only 6 training samples"),
+    (["--set", "mode=sequential", "--set", "federation.client_ranks=2"],
+     "federation.client_ranks: 2 is invalid; logical clients do not support mode=sequential yet"),
     # the U-shaped split: the clients' bottom and tail must leave the server a block per stage
     (["--set", "split.client_tail_layers=2"], "split.client_tail_layers: 2 leaves 0 of 4 blocks to the server"),
     (["--set", "split.client_tail_layers=-1"], "split.client_tail_layers: -1 is invalid; must be an int >= 0"),

@@ -285,3 +285,57 @@ def test_peers_name_whom_an_instruction_waits_on():
 def test_role_names():
     topo = Topology(clients=2, server_stages=2)
     assert [topo.role_of(r).name for r in range(4)] == ["client0", "client1", "server0", "server1"]
+
+
+# ---------------------------------------------------------------------------- logical clients
+def _logical(mode, clients, ranks, per_round, stages=1, aggregate_every=2, max_steps=5, micro_batches=2, **kw):
+    from splitlora_ds.federation.participation import Participation, spread_ranks
+
+    classes = (0,) * clients
+    participation = Participation(3, classes, tuple(spread_ranks(classes, ranks)), per_round, aggregate_every,
+                                  max_steps)
+    return get_mode(mode, ranks, stages).schedule(aggregate_every, max_steps, micro_batches,
+                                                  participation=participation, **kw)
+
+
+@pytest.mark.parametrize("mode,stages", [("split", 1), ("split", 2), ("fedlora", 0)])
+def test_logical_clients_train_in_their_slots_and_nothing_deadlocks(mode, stages):
+    """12 clients on 3 ranks, 5 per round: every sampled client trains exactly its round's local
+    steps between one BeginParticipation and one EndParticipation, on one rank; the server
+    serves exactly the ranks that train; every rank aggregates once per round."""
+    schedule = _logical(mode, 12, 3, 5, stages=stages, clip_global=True)
+    p = schedule.participation
+    assert schedule.steps == p.steps == sum(plan.slots * p.round_length(r) for r, plan in enumerate(p.plans))
+    trained = defaultdict(list)  # (round, client) -> ranks and local steps
+    for step in range(schedule.steps):
+        lists = _simulate(schedule, step)
+        place = p.locate(step)
+        for rank in range(3):
+            ins = lists[rank]
+            begins = [i.client for i in ins if isinstance(i, S.BeginParticipation)]
+            ends = [i.client for i in ins if isinstance(i, S.EndParticipation)]
+            client = place.client_of(rank)
+            if any(isinstance(i, S.OptimizerStep) for i in ins):
+                trained[(place.round.round_index, client)].append(rank)
+            assert begins == ([client] if client is not None and place.starts_slot else [])
+            assert ends == ([client] if client is not None and place.ends_slot else [])
+            assert (S.AverageAdapters() in ins) == place.ends_round
+        if stages:
+            first = schedule.topology.server_rank(0)
+            recv = next(i for i in lists[first] if isinstance(i, S.RecvActivations))
+            assert recv.srcs == place.active_ranks
+    for r, plan in enumerate(p.plans):
+        for c in plan.sampled:
+            ranks = trained[(r, c)]
+            assert len(ranks) == p.round_length(r) and len(set(ranks)) == 1  # one rank, every local step
+    assert sum(len(v) for v in trained.values()) == sum(p.round_length(r) * len(plan.sampled)
+                                                        for r, plan in enumerate(p.plans))
+
+
+def test_logical_cadence_ends_at_round_boundaries():
+    schedule = _logical("split", 6, 2, 3, aggregate_every=2, max_steps=6)  # 3 rounds of 2 slots x 2 steps
+    ends = [s for s in range(schedule.steps) if schedule.participation.locate(s).ends_round]
+    assert ends == [3, 7, 11]
+    assert [s for s in range(schedule.steps) if schedule.is_due(s, 4)] == [7]  # 4 local steps: after round 2
+    assert [s for s in range(schedule.steps) if schedule.is_eval_step(s, 2)] == [3, 7, 11]
+    assert [s for s in range(schedule.steps) if schedule.aggregates(s)] == ends

@@ -168,8 +168,11 @@ def plan_data(data: DataConfig, num_clients: int, seed: int) -> DataPlan:
 
 
 def tokenize_client(plan: DataPlan, client: int, tokenizer: PreTrainedTokenizerBase,
-                    data: DataConfig) -> tuple[list[dict], list[dict], TokenizeCounts]:
+                    data: DataConfig, train: bool = True,
+                    validation: bool = True) -> tuple[list[dict], list[dict], TokenizeCounts]:
     """(train, val) tokenized for one client, cached; counts are train + validation together.
+    `train` / `validation` False: that part is left alone (an empty list), e.g. a rank that only
+    evaluates a logical client it is not training now.
 
     The overlong policy applies to both; a client left without training samples is an error.
     """
@@ -185,14 +188,17 @@ def tokenize_client(plan: DataPlan, client: int, tokenizer: PreTrainedTokenizerB
         return [format_instruction(r, tokenizer, data.chat_template) for r in rows]
 
     out, total = [], TokenizeCounts(0, 0)
-    for part, examples, shard in (("train", plan.train, plan.shards[client]),
-                                  ("validation", plan.val, plan.val_shards[client])):
+    for part, examples, shard, wanted in (("train", plan.train, plan.shards[client], train),
+                                          ("validation", plan.val, plan.val_shards[client], validation)):
+        if not wanted:
+            out.append([])
+            continue
         rows, counts = tokenize_cached(prepare([examples[i] for i in shard]), tokenizer,
                                        data.max_length, overlong=data.overlong, separator=separator,
                                        cache_dir=data.cache_dir, source=f"client{client} {part}")
         out.append(rows)
         total = TokenizeCounts(total.truncated + counts.truncated, total.dropped + counts.dropped)
-    if not out[0]:
+    if train and not out[0]:
         raise ConfigError(f"data: client{client} has no training samples left after "
                           f"data.overlong={data.overlong} (data.max_length={data.max_length})")
     return out[0], out[1], total

@@ -599,24 +599,8 @@ class Executor:
         for share, m in zip(self.round_sum, self.masters.values()):
             share.add_(m.float(), alpha=weight)
 
-    def resume_participation(self, step: int) -> None:
-        """After a checkpoint of step `step` - 1 was loaded: a participation it interrupted goes on
-        with its client's stream where it stood (adapters and optimizer came from the checkpoint)."""
-        pool = self.parts.pool
-        if pool is None or step >= self.schedule.steps:
-            return
-        place = pool.participation.locate(step)
-        client = place.client_of(self.role.index)
-        if client is not None and not place.starts_slot:
-            self.batches = pool.stream(client, place.round.round_index, place.local_step)
-
-    def state_dict(self) -> dict:
-        """Logical clients: the last aggregate and this rank's share of the round's sum."""
-        return {"global": [t.cpu() for t in self.global_masters], "round_sum": [t.cpu() for t in self.round_sum]}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        for mine, saved in zip(self.global_masters, state["global"]):
-            mine.copy_(saved)
-        for mine, saved in zip(self.round_sum, state["round_sum"]):
-            mine.copy_(saved)
+    def adapters_loaded(self) -> None:
+        """A checkpoint's adapters were just loaded: with logical clients checkpoints are taken at
+        the end of a round only (Schedule.is_due), so they are the global adapters."""
+        if self.parts.pool is not None:
+            self.global_masters = [m.detach().clone() for m in self.masters.values()]

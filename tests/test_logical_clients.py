@@ -1,0 +1,170 @@
+"""Logical clients: more data owners (federation.clients) than client ranks
+(federation.client_ranks), a sample of them per round (federation.clients_per_round)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from _launch import ROOT, check, launch, load_adapters, scalars, write_recipe
+from splitlora_ds.config import load_config
+from splitlora_ds.data import build as data_build
+from splitlora_ds.metrics import read_scalars
+from splitlora_ds.partition import centralized_plan
+from splitlora_ds.prepare import prepare
+from splitlora_ds.runtime.packing import next_token_targets
+from splitlora_ds.stage import build_stage
+
+pytestmark = pytest.mark.launcher
+
+ADAMW = str(ROOT / "ds_configs" / "cpu-fp32.json")
+
+
+def _prepare(monkeypatch, recipe, rank, world):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    return prepare(load_config(str(recipe)))
+
+
+def test_one_rank_per_client_is_the_run_without_logical_clients(tmp_path):
+    """client_ranks = clients = clients_per_round, set explicitly, runs through the logical-client
+    path (participations, round sums) and gives today's run: AdamW state kept across rounds."""
+    runs = {}
+    for name, fed in (("plain", {}), ("logical", {"client_ranks": 2, "clients_per_round": 2})):
+        folder = tmp_path / name
+        recipe = write_recipe(folder, deepspeed_config=ADAMW, federation={"clients": 2, "aggregate_every": 2, **fed},
+                              train={"max_steps": 5, "output_dir": str(folder / "out")})
+        check(launch(3, ["--recipe", str(recipe)]))
+        runs[name] = (scalars(folder / "tb" / "server0"),
+                      load_adapters(folder / "out", ["client0", "client1", "server0"]))
+    (loss_a, ad_a), (loss_b, ad_b) = runs["plain"], runs["logical"]
+    assert len(loss_a) == 5 and max(abs(a - b) for a, b in zip(loss_a, loss_b)) <= 1e-6
+    assert max((ad_a[k] - ad_b[k]).abs().max().item() for k in ad_a) <= 1e-6
+
+
+def test_fedlora_rounds_equal_a_single_process_reference(tmp_path, monkeypatch):
+    """6 clients on 2 ranks, 3 per round, I = 2, plain SGD: each round's aggregate is the
+    sample-weighted average of its participants, each trained from the global adapters on its
+    own data, recomputed here in one process."""
+    recipe = write_recipe(tmp_path, mode="fedlora",
+                          federation={"clients": 6, "client_ranks": 2, "clients_per_round": 3, "aggregate_every": 2},
+                          data={"num_samples": 90}, train={"max_steps": 4, "output_dir": str(tmp_path / "out")})
+    check(launch(2, ["--recipe", str(recipe)]))
+    run = load_file(str(tmp_path / "out" / "client0.safetensors"))
+    assert all(torch.equal(run[k], v) for k, v in load_file(str(tmp_path / "out" / "client1.safetensors")).items())
+
+    prep = _prepare(monkeypatch, recipe, 0, 2)
+    cfg, p = prep.cfg, prep.participation
+    assert p.rounds == 2 and all(len(plan.sampled) == 3 for plan in p.plans)
+    stage = build_stage(prep.family, prep.hf_config, centralized_plan(prep.family.num_blocks(prep.hf_config)),
+                        cfg.lora, cfg.train.seed)
+    params = stage.adapter_parameters()
+    global_ = {n: t.detach().clone() for n, t in params.items()}
+    for r, plan in enumerate(p.plans):
+        total = {n: torch.zeros_like(t) for n, t in global_.items()}
+        for c in plan.sampled:
+            with torch.no_grad():
+                for n, t in params.items():
+                    t.copy_(global_[n])
+            stream = prep.pool.stream(c, r)
+            for _ in range(p.round_length(r)):
+                batch = next(stream)
+                targets = next_token_targets(batch["labels"], batch["attention_mask"])
+                scored = targets != -100
+                logits = stage(batch["input_ids"], batch["attention_mask"], scored.flatten().nonzero().squeeze(1))
+                loss = F.cross_entropy(logits.float(), targets[scored], reduction="sum") / scored.sum()
+                grads = torch.autograd.grad(loss, list(params.values()))
+                with torch.no_grad():
+                    for t, g in zip(params.values(), grads):
+                        t.sub_(0.05 * g)  # ds_configs/cpu-sgd.json
+            weight = prep.pool.weight(c, plan)
+            for n, t in params.items():
+                total[n] += weight * t.detach()
+        global_ = total
+    assert sorted(run) == sorted(global_)
+    assert max((run[k] - global_[k]).abs().max().item() for k in run) <= 1e-5
+    assert any(v.abs().max() > 0 for k, v in run.items() if "lora_B" in k)
+
+
+def test_many_clients_on_few_ranks_is_reproducible_and_logs_participation(tmp_path):
+    """12 clients on 2 ranks, 4 per round: the same seed gives the same run; another seed samples
+    other clients. Per-client tags name the logical clients that trained."""
+    def run(folder, seed):
+        recipe = write_recipe(folder, federation={"clients": 12, "client_ranks": 2, "clients_per_round": 4,
+                                                  "aggregate_every": 2},
+                              data={"num_samples": 120}, train={"max_steps": 4, "seed": seed})
+        check(launch(3, ["--recipe", str(recipe)]))
+        return folder / "tb" / "server0"
+
+    a, b, other = run(tmp_path / "a", 7), run(tmp_path / "b", 7), run(tmp_path / "c", 8)
+    assert scalars(a) == scalars(b) and len(scalars(a)) == 2 * 2 * 2  # 2 rounds x 2 slots x 2 steps
+    assert scalars(a) != scalars(other)
+    counts = [v for _, v in read_scalars(str(a), "clients/participated")]
+    assert counts[0] == 4 and 4 < counts[-1] <= 8
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(a))
+    tags.Reload()
+    trained = {t.split("/")[0] for t in tags.Tags()["scalars"] if t.endswith("/loss") and t.startswith("client")}
+    assert len(trained) == counts[-1]
+
+
+def test_a_rank_reads_only_the_shards_of_clients_it_serves(tmp_path, monkeypatch):
+    """Preparing a rank tokenizes no training shard; a shard is tokenized when its client's
+    participation starts on that rank (the schedule starts only the rank's own clients)."""
+    recipe = write_recipe(tmp_path, federation={"clients": 12, "client_ranks": 2, "clients_per_round": 4,
+                                                "aggregate_every": 2},
+                          data={"num_samples": 120, "validation_fraction": 0.2})
+    calls = []
+    real = data_build.tokenize_client
+
+    def spy(plan, client, tokenizer, data, train=True, validation=True):
+        calls.append((client, train, validation))
+        return real(plan, client, tokenizer, data, train, validation)
+
+    monkeypatch.setattr("splitlora_ds.prepare.tokenize_client", spy)
+    prep = _prepare(monkeypatch, recipe, 1, 3)
+    home = [c for c, train, validation in calls if validation]
+    assert not any(train for _, train, _ in calls) and home  # validation of its home clients only
+    assert prep.num_eval_batches >= len(prep.eval_batches) > 0
+    calls.clear()
+    plan = prep.participation.plans[0]
+    for c in plan.per_rank[1]:
+        prep.pool.stream(c, 0)
+    assert calls == [(c, True, False) for c in plan.per_rank[1]]
+
+
+def test_a_hundred_clients_on_three_ranks(tmp_path):
+    """N = 100, K = 10, R = 3 on the tiny CPU recipe: per-client tags give way to summaries."""
+    recipe = write_recipe(tmp_path, federation={"clients": 100, "client_ranks": 3, "clients_per_round": 10,
+                                                "aggregate_every": 2},
+                          data={"num_samples": 400}, train={"max_steps": 4, "batch_size": 2})
+    check(launch(4, ["--recipe", str(recipe)]))
+    server = tmp_path / "tb" / "server0"
+    assert len(scalars(server)) == 2 * 4 * 2  # 2 rounds x ceil(10 / 3) slots x 2 steps
+    assert [v for _, v in read_scalars(str(server), "clients/active")][0] == 3
+    participated = [v for _, v in read_scalars(str(server), "clients/participated")]
+    assert participated[0] == 10 and 10 < participated[-1] <= 20
+
+
+def test_resume_continues_the_sampling_and_the_data_positions(tmp_path):
+    """A run stopped after its first round and resumed ends exactly where the straight run does:
+    the sampling sequence and every client's data position follow from the seed and the round."""
+    def recipe_in(folder, every):
+        return write_recipe(folder, deepspeed_config=ADAMW,
+                            federation={"clients": 6, "client_ranks": 2, "clients_per_round": 3, "aggregate_every": 2},
+                            data={"num_samples": 90}, train={"max_steps": 6, "output_dir": str(folder / "out")},
+                            checkpoint={"dir": str(folder / "ckpt"), "every": every})
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    check(launch(3, ["--recipe", str(recipe_in(straight, 2))]))
+    steps = sorted(p.name for p in (straight / "ckpt").iterdir())
+    check(launch(3, ["--recipe", str(recipe_in(resumed, 0)), "--resume", str(straight / "ckpt" / steps[0])]))
+    a, b = scalars(straight / "tb" / "server0"), scalars(resumed / "tb" / "server0")
+    done = int(steps[0].split("-")[1])  # checkpoints come at round ends: 4 steps a round here
+    assert len(a) == 3 * 2 * 2 and done % 4 == 0 and len(b) == len(a) - done
+    assert max(abs(x - y) for x, y in zip(a[done:], b)) <= 1e-6
+    roles = ["client0", "client1", "server0"]
+    ad_a, ad_b = load_adapters(straight / "out", roles), load_adapters(resumed / "out", roles)
+    assert max((ad_a[k] - ad_b[k]).abs().max().item() for k in ad_a) <= 1e-6
