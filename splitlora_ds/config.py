@@ -450,7 +450,6 @@ class RunConfig:
             (self.mode not in ("split", "fedlora"), f"mode={self.mode}"),
             (hetero, "per-client split points, ranks or budgets"),
             (self.federation.aggregation not in ("auto", "fedavg"), f"federation.aggregation={self.federation.aggregation}"),
-            (self.split.client_tail_layers is not None and self.mode == "split", "split.client_tail_layers"),
             (self.privacy.update_clip is not None, "privacy.update_clip"),
             (self.privacy.activation_clip is not None, "privacy.activation_clip"),
             (self.importance.enabled, "importance"),

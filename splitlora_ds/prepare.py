@@ -262,6 +262,8 @@ def _prepare_data(prep: Prepared) -> None:
         raise ConfigError(f"eval.every: {cfg.eval.every}, but there is no validation data; set "
                           "data.validation or data.validation_fraction")
     if role.is_server:
+        if prep.participation is not None:  # who trains when, and their weights (U-shaped loss)
+            prep.pool = ClientPool(prep.participation, counts)
         return
 
     def stream(c: int, train_rows: list[dict]) -> ClientBatches:

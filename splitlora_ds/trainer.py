@@ -85,7 +85,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
     sample_counts = _sample_counts(prep, groups, staging)
     client_weights = sample_weights(sample_counts) if sample_counts else []
     weight = client_weights[role.index] if role.is_client and prep.pool is None else 1.0
-    if prep.pool is not None:
+    if prep.pool is not None and role.is_client:
         # each rank sums its participants' weighted adapters (the pool knows their weights), and
         # the aggregator adds the ranks' sums up
         client_weights = [1.0] * topology.clients

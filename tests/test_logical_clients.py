@@ -27,16 +27,19 @@ def _prepare(monkeypatch, recipe, rank, world):
     return prepare(load_config(str(recipe)))
 
 
-def test_one_rank_per_client_is_the_run_without_logical_clients(tmp_path):
+@pytest.mark.parametrize("tail", [None, 1], ids=["standard", "u-shaped"])
+def test_one_rank_per_client_is_the_run_without_logical_clients(tmp_path, tail):
     """client_ranks = clients = clients_per_round, set explicitly, runs through the logical-client
-    path (participations, round sums) and gives today's run: AdamW state kept across rounds."""
+    path (participations, round sums, per-step loss weights) and gives today's run: AdamW state
+    kept across rounds."""
     runs = {}
     for name, fed in (("plain", {}), ("logical", {"client_ranks": 2, "clients_per_round": 2})):
         folder = tmp_path / name
         recipe = write_recipe(folder, deepspeed_config=ADAMW, federation={"clients": 2, "aggregate_every": 2, **fed},
+                              split={"client_tail_layers": tail}, data={"num_samples": 41},  # unequal weights
                               train={"max_steps": 5, "output_dir": str(folder / "out")})
         check(launch(3, ["--recipe", str(recipe)]))
-        runs[name] = (scalars(folder / "tb" / "server0"),
+        runs[name] = (scalars(folder / "tb" / ("server0" if tail is None else "client0")),
                       load_adapters(folder / "out", ["client0", "client1", "server0"]))
     (loss_a, ad_a), (loss_b, ad_b) = runs["plain"], runs["logical"]
     assert len(loss_a) == 5 and max(abs(a - b) for a, b in zip(loss_a, loss_b)) <= 1e-6
@@ -44,19 +47,20 @@ def test_one_rank_per_client_is_the_run_without_logical_clients(tmp_path):
 
 
 def test_fedlora_rounds_equal_a_single_process_reference(tmp_path, monkeypatch):
-    """6 clients on 2 ranks, 3 per round, I = 2, plain SGD: each round's aggregate is the
+    """12 clients on 2 ranks, 4 per round, I = 2, plain SGD: each round's aggregate is the
     sample-weighted average of its participants, each trained from the global adapters on its
     own data, recomputed here in one process."""
     recipe = write_recipe(tmp_path, mode="fedlora",
-                          federation={"clients": 6, "client_ranks": 2, "clients_per_round": 3, "aggregate_every": 2},
-                          data={"num_samples": 90}, train={"max_steps": 4, "output_dir": str(tmp_path / "out")})
+                          federation={"clients": 12, "client_ranks": 2, "clients_per_round": 4, "aggregate_every": 2},
+                          data={"num_samples": 130}, train={"max_steps": 4, "output_dir": str(tmp_path / "out")})
     check(launch(2, ["--recipe", str(recipe)]))
     run = load_file(str(tmp_path / "out" / "client0.safetensors"))
     assert all(torch.equal(run[k], v) for k, v in load_file(str(tmp_path / "out" / "client1.safetensors")).items())
 
     prep = _prepare(monkeypatch, recipe, 0, 2)
     cfg, p = prep.cfg, prep.participation
-    assert p.rounds == 2 and all(len(plan.sampled) == 3 for plan in p.plans)
+    assert p.rounds == 2 and all(len(plan.sampled) == 4 for plan in p.plans)
+    assert len({pool_count for pool_count in prep.pool.sample_counts}) > 1  # unequal weights
     stage = build_stage(prep.family, prep.hf_config, centralized_plan(prep.family.num_blocks(prep.hf_config)),
                         cfg.lora, cfg.train.seed)
     params = stage.adapter_parameters()
@@ -168,3 +172,16 @@ def test_resume_continues_the_sampling_and_the_data_positions(tmp_path):
     roles = ["client0", "client1", "server0"]
     ad_a, ad_b = load_adapters(straight / "out", roles), load_adapters(resumed / "out", roles)
     assert max((ad_a[k] - ad_b[k]).abs().max().item() for k in ad_a) <= 1e-6
+
+
+def test_u_shaped_logical_clients_keep_the_loss_on_the_clients(tmp_path):
+    """6 clients on 2 ranks, 3 per round, U-shaped: client 0 logs the job-wide loss and the
+    participants' figures; the server logs none."""
+    recipe = write_recipe(tmp_path, federation={"clients": 6, "client_ranks": 2, "clients_per_round": 3,
+                                                "aggregate_every": 2},
+                          split={"client_tail_layers": 1}, data={"num_samples": 90}, train={"max_steps": 4})
+    check(launch(3, ["--recipe", str(recipe)]))
+    assert len(scalars(tmp_path / "tb" / "client0")) == 2 * 2 * 2
+    assert [v for _, v in read_scalars(str(tmp_path / "tb" / "client0"), "clients/participated")][0] == 3
+    with pytest.raises(KeyError):
+        scalars(tmp_path / "tb" / "server0")

@@ -11,7 +11,7 @@ class next round without anything being handed over.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..data.loader import ClientBatches
 from .participation import Participation, RoundPlan
@@ -21,7 +21,9 @@ from .participation import Participation, RoundPlan
 class ClientPool:
     participation: Participation
     sample_counts: Sequence[int]  # every logical client's training samples
-    make_stream: Callable[[int], ClientBatches]  # client -> its stream at position 0 (tokenizes its shard)
+    # client -> its stream at position 0 (tokenizes its shard); None on a server rank, which
+    # needs only who trains when and their weights
+    make_stream: Optional[Callable[[int], ClientBatches]] = None
 
     def weight(self, client: int, plan: RoundPlan) -> float:
         """FedAvg weight of `client` among the round's participants: n_c / sum of their n."""
@@ -37,6 +39,8 @@ class ClientPool:
     def stream(self, client: int, round_index: int, local_step: int = 0) -> ClientBatches:
         """`client`'s stream where its participation in round `round_index` stands after
         `local_step` local steps (0: the participation's start)."""
+        if self.make_stream is None:
+            raise RuntimeError("ClientPool.stream: this rank reads no client data (a server rank)")
         stream = self.make_stream(client)
         stream.skip_to(self.participation.consumed(client, round_index) + local_step)
         return stream

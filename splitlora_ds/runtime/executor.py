@@ -143,7 +143,7 @@ class Executor:
         # share of the round's weighted sum of its participants' adapters.
         self.global_masters: list[torch.Tensor] = []
         self.round_sum: list[torch.Tensor] = []
-        if parts.pool is not None:
+        if parts.pool is not None and parts.role.is_client:
             self.global_masters = [m.detach().clone() for m in self.masters.values()]
             self.round_sum = [torch.zeros_like(m, dtype=torch.float32) for m in self.masters.values()]
         self._handlers = {
@@ -442,7 +442,7 @@ class Executor:
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in b.leaves]
         if b.source_clients and self.u_shaped:
             # Client c's slice holds w_c times the gradient of its own loss (see _recv_tail_grads).
-            grads = [g / self.parts.client_weights[c] for g, c in zip(grads, b.source_clients)]
+            grads = [g / self._loss_weight(c) for g, c in zip(grads, b.source_clients)]
         elif b.source_clients:
             # The loss is the mean over all N tokens of the step, so client c's slice holds N_c / N
             # times the gradient of its own mean loss; it gets the gradient of its own mean loss.
@@ -476,8 +476,18 @@ class Executor:
         grad = torch.zeros_like(b.output).flatten(0, 1)
         for src, (values,) in zip(ins.srcs, self.p2p.recv_many(ins.srcs, b.output.dtype)):
             c = self.topology.role_of(src).index
-            grad.index_copy_(0, b.tail_positions[c], values * self.parts.client_weights[c])
+            grad.index_copy_(0, b.tail_positions[c], values * self._loss_weight(c))
         b.grad_output = grad.view_as(b.output)
+
+    def _loss_weight(self, c: int) -> float:
+        """U-shaped: the weight w of client rank c's loss in the server's objective sum_c w_c L_c:
+        its FedAvg weight, or with logical clients that of the client it trains this step among
+        the round's participants."""
+        pool = self.parts.pool
+        if pool is None:
+            return self.parts.client_weights[c]
+        place = pool.participation.locate(self.step)
+        return pool.weight(place.client_of(c), place.round)
 
     def _real_positions(self, b: MicroBatch) -> torch.Tensor:
         return (b.mask.flatten() > 0).nonzero().squeeze(1)
@@ -602,5 +612,5 @@ class Executor:
     def adapters_loaded(self) -> None:
         """A checkpoint's adapters were just loaded: with logical clients checkpoints are taken at
         the end of a round only (Schedule.is_due), so they are the global adapters."""
-        if self.parts.pool is not None:
+        if self.global_masters:
             self.global_masters = [m.detach().clone() for m in self.masters.values()]
