@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -230,6 +230,25 @@ def _block_weights(family, hf_config) -> list[float]:
     return weights
 
 
+def planned_max_steps(cfg: RunConfig, sample_counts: Sequence[int]) -> int:
+    """Local steps per client of the run: train.max_steps, or train.epochs passes over the mean
+    client shard (`sample_counts`: each client's training samples, from the data plan)."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return math.ceil(cfg.train.epochs * (sum(sample_counts) / cfg.federation.clients) / cfg.train.batch_size)
+
+
+def participation_of(cfg: RunConfig, max_steps: int) -> Optional[Participation]:
+    """The run's rounds with logical clients (None without): who is sampled in each round and
+    which rank runs whom. A function of the config and the run length alone, so every rank, and
+    the benchmark after the run, compute the same plan."""
+    if not cfg.logical_clients:
+        return None
+    clients = cfg.federation.clients
+    return Participation(cfg.train.seed, (0,) * clients, tuple(spread_ranks((0,) * clients, cfg.client_ranks)),
+                         cfg.clients_per_round, cfg.federation.aggregate_every, max_steps)
+
+
 def _prepare_data(prep: Prepared) -> None:
     """Every rank plans the data (cheap: no tokenization) so that errors surface everywhere and
     all ranks agree on the run length and the number of evaluation batches. Clients tokenize only
@@ -248,11 +267,10 @@ def _prepare_data(prep: Prepared) -> None:
     data_plan = plan_data(d, clients, seed)
     prep.data_plan = data_plan
     counts = data_plan.sample_counts()
-    prep.max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * (sum(counts) / clients) / cfg.train.batch_size)
+    prep.max_steps = planned_max_steps(cfg, counts)
     eval_bs = cfg.eval.batch_size or cfg.train.batch_size
-    if cfg.logical_clients and role.kind != "centralized":
-        prep.participation = Participation(seed, (0,) * clients, tuple(spread_ranks((0,) * clients, cfg.client_ranks)),
-                                           cfg.clients_per_round, cfg.federation.aggregate_every, prep.max_steps)
+    if role.kind != "centralized":
+        prep.participation = participation_of(cfg, prep.max_steps)
     # A client rank evaluates the validation shards of its clients (its home clients with logical
     # clients: the ones it would run if every client took part).
     val_sizes = [sum(len(data_plan.val_shards[c]) for c in home) for home in _home_clients(prep)]

@@ -138,3 +138,51 @@ def test_table_reports_each_clients_bytes_per_step_sent_received_and_both():
     assert rows["split-standard"].endswith("| 1.5 / 2.5 / 4.0 |")
     assert rows["split-u-shaped"].endswith("| 3.0 / 5.5 / 8.5 |")
     assert rows["centralized"].endswith("| - / - / - |")
+
+
+def test_a_run_with_logical_clients_maps_rank_summaries_to_participants_and_its_sampled_rounds(tmp_path):
+    """4 clients on 2 client ranks, 3 sampled per round, I = 2, max_steps = 4 (seed 42: rounds
+    {0, 2, 3} and {0, 1, 2}): the bench reads the 2 ranks' summaries, counts rounds in local
+    steps, and hands the latency model every participant's work and each round's sampled set."""
+    import json as json_
+
+    from splitlora_ds.bench.latency import Device, Profile, simulate
+    from splitlora_ds.bench.runs import ModeRun, collect
+    from splitlora_ds.config import load_config
+    from splitlora_ds.metrics import MetricsWriter
+
+    cfg = load_config(None, ["federation.clients=4", "federation.client_ranks=2", "federation.clients_per_round=3",
+                             "federation.aggregate_every=2", "train.max_steps=4", "train.seed=42"])
+    log = tmp_path / "tb"
+    writer = MetricsWriter(str(log), "server0")
+    for step in range(8):  # 2 rounds of 2 slots (ranks run 2 and 1 participants) of 2 steps
+        writer.scalars(step, {"time/step_s": 0.5, **({"eval/loss": 3.0 - step / 8} if step in (3, 7) else {})})
+    writer.close()
+
+    def summary(active: int, flops: float, sent: int) -> dict:
+        return {"steps": 8, "active_steps": active, "train_seconds": 4.0, "compute_seconds": 2.0, "tokens": 80,
+                "flops_per_step": flops, "positions": 40, "params": 5, "trainable_params": 2, "bytes_sent": sent,
+                "bytes_received": 0, "peak_rss_bytes": 1, "rss_before_model_bytes": 1, "cuda_max_allocated_bytes": 0}
+
+    # rank 0 ran 2 participants per round (8 local steps), rank 1 one (4); 12 = K x max_steps.
+    # The server: 30 FLOPs per participant step, so 60 in a slot of 2 ranks, 30 in one of 1: 45 per step.
+    for role, s in (("client0", summary(8, 10, 800)), ("client1", summary(4, 12, 800)), ("server0", summary(8, 45, 0))):
+        (log / role).mkdir(parents=True, exist_ok=True)
+        (log / role / "summary.json").write_text(json_.dumps(s))
+    result = collect(cfg, ModeRun("split", str(log), command=[], wall_seconds=1.0))
+
+    assert [p["round"] for p in result.curve] == [2, 4]  # local steps of the completed rounds, not slots (4, 8)
+    assert result.sampling.sampled == ((0, 2, 3), (0, 1, 2)) and result.sampling.steps == (2, 2)
+    work = result.round_work
+    assert work.clients == 4 and work.per_client_flops == ()  # per rank figures are no client's own
+    assert work.client_flops == pytest.approx(11)  # the ranks' mean per active step
+    assert work.bytes_up == pytest.approx((100 + 200) / 2)  # bytes per active step, mean over ranks
+    assert work.server_flops == pytest.approx(4 * 30)  # per participant step x N clients
+
+    # 1 FLOP/s devices, client 3 at half speed, infinite links: round 0 samples client 3 (22 s),
+    # round 1 does not (11 s); the server serves 3 of 4 clients: 90 s. Messages cost nothing here.
+    one = Device("one", tflops=1e-12)
+    profile = Profile(server=one, clients=[one, one, one, Device("half", tflops=0.5e-12)])
+    (sim,) = simulate([work], [result.curve[0]["round"]], profile, [result.sampling])
+    assert sim["round_s"] == pytest.approx(((22 + 90) + (11 + 90)) / 2)
+    assert sim["to_target_s"] == pytest.approx(2 * (22 + 90))  # the target fell in round 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..config import MODES, load_config
 from ..errors import ConfigError
-from .latency import load_profile, simulate
+from .latency import elapsed_seconds, load_profile, simulate
 from .report import markdown, plot, time_to_target, write_json
 from .runs import collect, run_mode
 from .variants import VARIANTS, variant_overrides
@@ -97,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         time_to_target(r, target)
     if profile is not None:
-        for r, sim in zip(results, simulate([r.round_work for r in results], [r.rounds_to_target for r in results],
-                                            profile)):
+        # With logical clients each round waits for its own sampled clients (r.sampling).
+        sims = simulate([r.round_work for r in results], [r.rounds_to_target for r in results], profile,
+                        [r.sampling for r in results])
+        for r, sim in zip(results, sims):
             r.simulated = sim
             for point in r.curve:
-                point["sim_seconds"] = point["round"] * sim["round_s"]
+                point["sim_seconds"] = elapsed_seconds(r.round_work, profile, r.sampling, point["round"])
 
     meta = {"recipe": args.recipe, "modes": modes, "overrides": args.overrides, "target_loss": target,
             "target_from": origin, "threads": threads, "devices": args.devices, "failed": failed,

@@ -12,7 +12,7 @@ from .runs import ModeResult
 
 def time_to_target(result: ModeResult, target: float) -> None:
     """First evaluation at or below `target`: the main rank's summed step time up to it, and
-    rounds (one local step of every client) up to it. None when the run never got there."""
+    rounds (one local step of every client taking part) up to it. None when the run never got there."""
     for point in result.curve:
         if point["loss"] <= target:
             result.time_to_target_s, result.rounds_to_target = point["seconds"], point["round"]

@@ -3,6 +3,13 @@
 Each mode runs as its own job (the `deepspeed` launcher where it needs several ranks, plain
 python for `centralized`) with its TensorBoard logs under the benchmark's output folder; the
 figures come from those logs and from every rank's `summary.json` (see run_summary.py).
+
+With logical clients (federation.client_ranks / clients_per_round) the summaries are per client
+*rank*, and a rank's active steps are the local steps of the participants it ran. Every
+participant runs the same model part (logical clients are all alike, config.py) for the same I
+steps of its round, so one participant's work per local step is a client rank's FLOPs and bytes
+per active step (the mean over the ranks), whichever device it stands for; the latency model
+then charges that work to each sampled client's own device, round by round (`Sampling`).
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import RunConfig
+from ..federation.participation import Participation
 from ..metrics import read_scalars
 from ..modes import get_mode
 from ..run_summary import read_summary
-from .latency import RoundWork
+from .latency import RoundWork, Sampling
 
 
 def free_port() -> int:
@@ -33,13 +41,14 @@ def free_port() -> int:
 
 def main_role(cfg: RunConfig) -> str:
     """The rank that logs the job-wide loss."""
-    mode = get_mode(cfg.mode, cfg.federation.clients, cfg.split.server_stages, cfg.split.client_tail_layers is not None)
+    mode = get_mode(cfg.mode, cfg.client_ranks, cfg.split.server_stages, cfg.split.client_tail_layers is not None)
     return mode.role_of(mode.main_rank).name
 
 
 def roles(cfg: RunConfig) -> tuple[list[str], list[str]]:
-    """(client roles, server roles) of a run; the centralized process counts as the server."""
-    clients = [f"client{c}" for c in range(cfg.federation.clients)]
+    """(client roles, server roles) of a run; the centralized process counts as the server. Client
+    roles are ranks: with logical clients, the federation.client_ranks that serve them."""
+    clients = [f"client{c}" for c in range(cfg.client_ranks)]
     if cfg.mode == "centralized":
         return [], ["centralized"]
     if cfg.mode == "fedlora":
@@ -117,6 +126,9 @@ class ModeResult:
     client: Optional[dict] = None  # per client (mean over clients)
     server: Optional[dict] = None  # all server stages together (the centralized process)
     round_work: Optional[RoundWork] = None
+    # Logical clients: the run's sampled clients and local steps, round by round (None: every
+    # client in every round). The latency model times each round by its own participants.
+    sampling: Optional[Sampling] = None
     time_to_target_s: Optional[float] = None
     rounds_to_target: Optional[float] = None
     simulated: Optional[dict] = None
@@ -128,6 +140,7 @@ def collect(cfg: RunConfig, run: ModeRun) -> ModeResult:
     summaries = {r: read_summary(os.path.join(run.log_dir, r)) for r in clients + servers}
     main_summary = summaries[main_role(cfg)]
     per_round = cfg.federation.clients if cfg.mode == "sequential" else 1
+    participation = run_participation(cfg)
 
     step_times = read_scalars(main, "time/step_s")
     elapsed, cumulative = 0.0, {}
@@ -138,7 +151,7 @@ def collect(cfg: RunConfig, run: ModeRun) -> ModeResult:
     for r in clients:
         for step, value in _client_traffic(os.path.join(run.log_dir, r), summaries[r], list(cumulative)):
             traffic[step] = traffic.get(step, 0.0) + value
-    curve = [{"step": step + 1, "round": (step + 1) / per_round, "seconds": cumulative[step],
+    curve = [{"step": step + 1, "round": _rounds_done(step, per_round, participation), "seconds": cumulative[step],
               "bytes": traffic.get(step, 0.0), "loss": loss}
              for step, loss in read_scalars(main, "eval/loss")]
 
@@ -152,8 +165,51 @@ def collect(cfg: RunConfig, run: ModeRun) -> ModeResult:
         result.client = _client_figures([summaries[r] for r in clients])
     if servers:
         result.server = _server_figures([summaries[r] for r in servers], per_round)
+        if participation is not None:
+            result.server["flops_per_round"] = cfg.federation.clients * participant_server_flops(
+                [summaries[r] for r in clients], [summaries[r] for r in servers])
+    if participation is not None:
+        result.sampling = sampling_of(participation)
     result.round_work = _round_work(cfg, result)
     return result
+
+
+def run_participation(cfg: RunConfig) -> Optional[Participation]:
+    """The participation plan the run followed (None without logical clients), recomputed from its
+    config as every rank computed it (prepare.participation_of). The run length comes from
+    train.max_steps, or, with train.epochs, from the data plan (which loads the data, no tokenizing)."""
+    if not cfg.logical_clients or cfg.mode == "centralized":
+        return None
+    from ..data.build import plan_data
+    from ..prepare import participation_of, planned_max_steps  # here, not at the top: it imports DeepSpeed (seconds)
+
+    counts = [] if cfg.train.max_steps else plan_data(cfg.data, cfg.federation.clients, cfg.train.seed).sample_counts()
+    return participation_of(cfg, planned_max_steps(cfg, counts))
+
+
+def sampling_of(participation: Participation) -> Sampling:
+    """Each round's sampled clients and local steps, for the latency model."""
+    return Sampling(tuple(plan.sampled for plan in participation.plans),
+                    tuple(participation.round_length(r) for r in range(participation.rounds)))
+
+
+def _rounds_done(step: int, per_round: int, participation: Optional[Participation]) -> float:
+    """Rounds (one local step of every client taking part) done by the end of `step`. With logical
+    clients a step is one slot's step, so this is the local steps of the completed rounds
+    (evaluations fall at round ends)."""
+    if participation is None:
+        return (step + 1) / per_round
+    return participation.progress(step)
+
+
+def participant_server_flops(client_summaries: list[dict], server_summaries: list[dict]) -> float:
+    """With logical clients: the server's FLOPs per local step of one participant, its stages' total
+    FLOPs over the participant steps they served (every client rank's active steps; a slot where
+    some ranks sit out serves fewer). The server's work is linear in the participants it serves."""
+    served = sum(s["active_steps"] for s in client_summaries)
+    if not served:
+        raise ValueError("participant_server_flops: the client ranks' summary.json files record no active steps")
+    return sum(s["flops_per_step"] * s["active_steps"] for s in server_summaries) / served
 
 
 def _client_traffic(run_dir: str, summary: dict, steps: list[int]) -> list[tuple[int, float]]:
@@ -211,7 +267,10 @@ def _round_work(cfg: RunConfig, r: ModeResult) -> RoundWork:
     client, server = r.client or {}, r.server or {}
     memory = client.get("cuda_max_allocated_bytes") or client.get("peak_rss_bytes", 0)
     flops, memories = client.get("per_client_flops_per_step", []), client.get("per_client_memory_bytes", [])
-    hetero = len(set(flops)) > 1  # heterogeneous clients: each device gets its own client's work
+    # Heterogeneous clients: each device gets its own client's work. With logical clients the
+    # figures are per client rank, not per client, and every participant does the same work (the
+    # ranks' mean per active step); server flops_per_round is then for all N clients (see collect).
+    hetero = len(set(flops)) > 1 and not cfg.logical_clients
     return RoundWork(cfg.mode, cfg.federation.clients, client.get("flops_per_step", 0.0),
                      server.get("flops_per_round", 0.0), client.get("bytes_sent_per_step", 0.0),
                      client.get("bytes_received_per_step", 0.0), messages, memory,
