@@ -87,7 +87,10 @@ def averaged_adapters(files: dict[str, Path], meta: dict) -> dict[str, torch.Ten
     clients = [r for r in roles if r.startswith("client")]
     merged: dict[str, torch.Tensor] = {}
     if clients:
-        weights = sample_weights(meta["sample_counts"])
+        counts = meta["sample_counts"]
+        # With logical clients (more clients than client ranks) checkpoints come at round ends,
+        # where every client rank holds the global adapters: any convex weights give them back.
+        weights = sample_weights(counts) if len(counts) == len(clients) else [1 / len(clients)] * len(clients)
         merged.update(fedavg([load_file(str(files[r])) for r in clients], weights))
     for role in roles:
         if not role.startswith("client"):
@@ -104,8 +107,9 @@ def heterogeneous_adapters(files: dict[str, Path], meta: dict, cfg: RunConfig, s
     roles = meta["roles"]
     states = [load_file(str(files[r])) for r in roles]
     names = [factor_names(sd) for sd in states]
-    aggregated = is_aggregation_step(meta["step"] - 1, cfg.federation.aggregate_every,
-                                     meta.get("run_steps", cfg.train.max_steps))
+    # logical clients: checkpoints come at round ends only, right after an aggregation
+    aggregated = cfg.logical_clients or is_aggregation_step(meta["step"] - 1, cfg.federation.aggregate_every,
+                                                            meta.get("run_steps", cfg.train.max_steps))
     if not aggregated:
         client_weights = sample_weights(meta["sample_counts"])
         entry = [k + 1 for k in setup.client_layers]

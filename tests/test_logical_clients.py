@@ -185,3 +185,22 @@ def test_u_shaped_logical_clients_keep_the_loss_on_the_clients(tmp_path):
     assert [v for _, v in read_scalars(str(tmp_path / "tb" / "client0"), "clients/participated")][0] == 3
     with pytest.raises(KeyError):
         scalars(tmp_path / "tb" / "server0")
+
+
+def test_export_of_a_logical_run(tmp_path):
+    """The export of 6 clients on 2 ranks: the global adapters (every client rank holds them at a
+    checkpoint, which comes at a round end) plus the server's, and it loads as a PEFT model."""
+    from splitlora_ds.export import main as export_main
+
+    recipe = write_recipe(tmp_path, federation={"clients": 6, "client_ranks": 2, "clients_per_round": 3,
+                                                "aggregate_every": 2},
+                          data={"num_samples": 90}, train={"max_steps": 4},
+                          checkpoint={"dir": str(tmp_path / "ckpt")})
+    check(launch(3, ["--recipe", str(recipe)]))
+    out = tmp_path / "export"
+    assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    step = sorted((tmp_path / "ckpt").iterdir())[-1]
+    client = load_file(str(step / "client0.safetensors"))
+    assert all(torch.equal(client[k], v) for k, v in load_file(str(step / "client1.safetensors")).items())
+    exported = load_file(str(out / "adapter_model.safetensors"))
+    assert len(exported) == len(client) + len(load_file(str(step / "server0.safetensors")))
