@@ -442,14 +442,16 @@ class RunConfig:
             self._check_logical_clients(hetero)
 
     def _check_logical_clients(self, hetero: bool) -> None:
-        """Logical clients (federation.client_ranks / clients_per_round) run with FedAvg of equal
-        clients in split (standard topology) and fedlora; the rest is refused by name."""
+        """Logical clients (federation.client_ranks / clients_per_round) run in split (standard or
+        U-shaped, heterogeneous device classes too) and fedlora; the rest is refused by name."""
         field = "federation.client_ranks" if self.federation.client_ranks is not None else "federation.clients_per_round"
         value = getattr(self.federation, field.split(".")[1])
         unsupported = [
             (self.mode not in ("split", "fedlora"), f"mode={self.mode}"),
-            (hetero, "per-client split points, ranks or budgets"),
-            (self.federation.aggregation not in ("auto", "fedavg"), f"federation.aggregation={self.federation.aggregation}"),
+            (hetero and self.federation.secure_aggregation, "per-client split points, ranks or budgets with "
+                                                            "federation.secure_aggregation"),
+            (self.federation.secure_aggregation and self.client_ranks < 2, "federation.secure_aggregation on one "
+                                                                           "client rank"),
             (self.privacy.update_clip is not None, "privacy.update_clip"),
             (self.privacy.activation_clip is not None, "privacy.activation_clip"),
             (self.importance.enabled, "importance"),

@@ -24,6 +24,9 @@ from .ds_config import role_ds_config
 from .errors import ConfigError
 from .federation.build import build_aggregator
 from .federation.exchange import LowRankSetup
+from .federation.fedavg import FedAvg
+from .federation.rounds import FedAvgRound, LowRankRound
+from .federation.secure import SecureFedAvg
 from .federation.strategy import Aggregator
 from .federation.fedavg import sample_weights
 from .runtime.executor import Executor, GradClip, Hetero, Observer, Packing, RoleParts
@@ -282,6 +285,19 @@ def _aggregator(prep: Prepared, stage, groups, client_weights: list[float], stag
     lowrank = None
     if setup is not None and setup.exchanges:
         lowrank = LowRankSetup(setup.aggregation, tuple(prep.plan.entry_layers), prep.plan.shared_layers)
+    if prep.pool is not None and cfg.federation.clients > 1 and prep.mode.averages_adapters:
+        # logical clients: a rank brings all of its participants to the round (federation/rounds.py)
+        if lowrank is not None:
+            if groups.aggregation is None:
+                return None
+            shared = None if prep.role.is_client else set(prep.plan.shared_layers)
+            return LowRankRound(stage, lowrank.method, groups.aggregation, prep.pool, shared)
+        if not prep.role.is_client:
+            return None
+        ranks = prep.topology.clients
+        inner: Aggregator = (SecureFedAvg(prep.role.index, groups.clients, ranks, 1.0, staging)
+                             if cfg.federation.secure_aggregation else FedAvg(1.0, groups.clients, staging))
+        return FedAvgRound(inner)
     return build_aggregator(prep.role, prep.topology.clients, groups, stage, client_weights, staging,
                             averages=prep.mode.averages_adapters, lowrank=lowrank,
                             secure=cfg.federation.secure_aggregation, privacy=privacy)

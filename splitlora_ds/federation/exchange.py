@@ -59,13 +59,25 @@ def exchange_(stage: nn.Module, weights: Mapping[str, float], modules: set[str],
     keys = factor_names(params)
     state = {key: tensors[key].detach().cpu() for name in own for key in keys[name]}
     mine = (state, {m: weights[m] for m in own}, {m: scale for m, (_A, _B, scale) in own.items()})
-    gathered: list[tuple] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
-    dist.all_gather_object(gathered, mine, group=group)
+    return exchange_entries_([mine], method, group, tensors)
+
+
+@torch.no_grad()
+def exchange_entries_(entries: list[tuple[dict, dict, dict]], method: str, group: Optional[dist.ProcessGroup],
+                      tensors: Mapping[str, torch.Tensor]) -> int:
+    """Aggregate with every participant of `group`, each bringing one or more entries (state dict,
+    weight per module, scale per module; with logical clients a rank brings one per client it
+    trained this round), and write the result for this rank's first entry into `tensors`. All
+    of a rank's entries hold the same modules. Returns the bytes of one entry's adapters."""
+    gathered: list[list] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
+    dist.all_gather_object(gathered, entries, group=group)
+    first = sum(len(g) for g in gathered[:dist.get_rank(group)])
     # Only the modules this participant holds: the others are the other holders' business.
-    states, weights_of, scales_of = zip(*[_restrict(g, set(own)) for g in gathered])
+    modules = set(entries[0][1])
+    states, weights_of, scales_of = zip(*[_restrict(e, modules) for g in gathered for e in g])
     # Inputs were validated before the run (hetero.setup): a ValueError here is a bug, not a
     # user error, and propagates as such.
-    new = aggregate_state_dicts(states, weights_of, scales_of, method=method)[dist.get_rank(group)]
+    new = aggregate_state_dicts(states, weights_of, scales_of, method=method)[first]
     for key, value in new.items():
         tensors[key].copy_(value.to(tensors[key].dtype))
     return sum(tensors[k].numel() * tensors[k].element_size() for k in new)

@@ -139,13 +139,10 @@ class Executor:
         self.step = -1
         self._grads_ready = False
         self.batches = parts.batches  # the stream LoadBatch reads (a logical client's while it trains)
-        # Logical clients: the last aggregate (each participation starts from it) and this rank's
-        # share of the round's weighted sum of its participants' adapters.
+        # Logical clients: the last aggregate of this rank's class (each participation starts from it).
         self.global_masters: list[torch.Tensor] = []
-        self.round_sum: list[torch.Tensor] = []
         if parts.pool is not None and parts.role.is_client:
             self.global_masters = [m.detach().clone() for m in self.masters.values()]
-            self.round_sum = [torch.zeros_like(m, dtype=torch.float32) for m in self.masters.values()]
         self._handlers = {
             I.LoadBatch: self._load_batch,
             I.LoadEvalBatch: self._load_eval_batch,
@@ -427,15 +424,26 @@ class Executor:
         """Row scales N w_c / N_c and block weights W_i for the shared blocks (see SharedBlockGrad).
         U-shaped, a row of client c already carries w_c times the gradient of L_c: scale 1."""
         hetero = self.parts.hetero
-        w = torch.tensor(hetero.client_weights, dtype=torch.float32, device=self.device)
+        weights = self._rank_weights()
+        w = torch.tensor(weights, dtype=torch.float32, device=self.device)
         if self.u_shaped:
             per_client = torch.ones_like(w)
         else:
             counts = self.step_counts.to(torch.float32).to(self.device)
             per_client = counts.sum() * w / counts.clamp(min=1)
-        layer_weight = {int(i): sum(hetero.client_weights[c] for c in clients if hetero.entry_layers[c] <= int(i))
+        layer_weight = {int(i): sum(weights[c] for c in clients if hetero.entry_layers[c] <= int(i))
                         for i in self.stage.layers}
         return SharedBlockGrad(per_client[rows_client.to(self.device)], layer_weight)
+
+    def _rank_weights(self) -> list[float]:
+        """Each client rank's FedAvg weight; with logical clients, that of the client it trains in
+        this step among the round's participants (0 while it sits out)."""
+        pool = self.parts.pool
+        if pool is None:
+            return list(self.parts.hetero.client_weights)
+        place = pool.participation.locate(self.step)
+        return [pool.weight(c, place.round) if c is not None else 0.0
+                for c in (place.client_of(r) for r in range(self.topology.clients))]
 
     def _send_grads(self, ins: I.SendGrads) -> None:
         b = self.buffers.pop(ins.buffer)
@@ -540,13 +548,12 @@ class Executor:
 
     def _average_adapters(self, _: I.AverageAdapters) -> None:
         if self.parts.pool is not None:
-            # the aggregator sums every rank's share of the round's weighted sum
-            with torch.no_grad():
-                for m, share in zip(self.masters.values(), self.round_sum):
-                    m.copy_(share)
-                    share.zero_()
-        nbytes = self.parts.aggregator.aggregate_(self.masters)
-        if self.parts.pool is not None:
+            # the round's participants (federation/rounds.py), not this rank's own adapters
+            plan = self.parts.pool.participation.locate(self.step).round
+            nbytes = self.parts.aggregator.aggregate_round_(self.masters, plan)
+        else:
+            nbytes = self.parts.aggregator.aggregate_(self.masters)
+        if self.global_masters:
             self.global_masters = [m.detach().clone() for m in self.masters.values()]
         if self.role.is_client:  # server stage 0 plays the aggregator: its copies do not travel
             # Counted as a FedAvg server would see it, whatever the collective: each client uploads
@@ -602,12 +609,13 @@ class Executor:
             self._masters_to_params()
             reset_optimizer_state_(self.engine.optimizer)
 
-    @torch.no_grad()
     def _end_participation(self, ins: I.EndParticipation) -> None:
+        """Client `ins.client`'s adapters go to the round's aggregation, with its weight among the
+        round's participants."""
         pool = self.parts.pool
         weight = pool.weight(ins.client, pool.participation.locate(self.step).round)
-        for share, m in zip(self.round_sum, self.masters.values()):
-            share.add_(m.float(), alpha=weight)
+        if self.parts.aggregator is not None:  # None: one client in all, nothing to aggregate
+            self.parts.aggregator.participated(ins.client, self.masters, weight)
 
     def adapters_loaded(self) -> None:
         """A checkpoint's adapters were just loaded: with logical clients checkpoints are taken at
