@@ -8,6 +8,7 @@ length and the number of evaluation batches without talking to each other.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -66,6 +67,7 @@ class Prepared:
     # Logical clients: who trains where in each round, and (on a client rank) the clients it may serve.
     participation: Optional[Participation] = None
     pool: Optional[ClientPool] = None
+    client_classes: Optional[tuple[tuple[int, int], ...]] = None  # logical clients: (split point, rank) each
 
     @property
     def mode(self) -> Mode:
@@ -115,11 +117,10 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
     ranks_field = "federation.client_ranks" if cfg.federation.client_ranks is not None else "federation.clients"
     topology = Topology(cfg.client_ranks, cfg.split.server_stages)
 
-    setup = None
+    setup, client_classes = None, None
     if cfg.mode in ("split", "sequential"):
-        setup = resolve_setup(cfg, family, hf_config, ds_config)
-        # logical clients are all alike (config.py): the first R clients' split points are the ranks'
-        plan = make_split_plan(num_blocks, list(setup.client_layers)[:topology.clients],
+        setup, client_classes = _rank_setup(cfg, resolve_setup(cfg, family, hf_config, ds_config))
+        plan = make_split_plan(num_blocks, list(setup.client_layers),
                                topology.server_stages, cfg.split.partition_method,
                                _block_weights(family, hf_config) if cfg.split.partition_method == "parameters" else None,
                                cfg.split.client_tail_layers)
@@ -148,7 +149,7 @@ def prepare(cfg: RunConfig, dry_run: bool = False, resume: Optional[str] = None)
                           f"{cfg.deepspeed_config} enables bf16 (DeepSpeed then keeps flat copies of the "
                           f"adapters); use an fp32 config")
     prep = Prepared(cfg, rank, local_rank, role, topology, plan, stage_plan, family, hf_config, ds_config,
-                    setup=setup)
+                    setup=setup, client_classes=client_classes)
     if dry_run:
         return prep
     adapter_names = _check_stage(prep)
@@ -238,15 +239,29 @@ def planned_max_steps(cfg: RunConfig, sample_counts: Sequence[int]) -> int:
     return math.ceil(cfg.train.epochs * (sum(sample_counts) / cfg.federation.clients) / cfg.train.batch_size)
 
 
-def participation_of(cfg: RunConfig, max_steps: int) -> Optional[Participation]:
+def participation_of(cfg: RunConfig, max_steps: int,
+                     client_class: Optional[Sequence[tuple[int, int]]] = None) -> Optional[Participation]:
     """The run's rounds with logical clients (None without): who is sampled in each round and
-    which rank runs whom. A function of the config and the run length alone, so every rank, and
-    the benchmark after the run, compute the same plan."""
+    which rank runs whom. A function of the config, the run length and the clients' device
+    classes ((split point, LoRA rank) each; None: all alike), so every rank, and the benchmark
+    after the run, compute the same plan (sampling does not depend on the classes)."""
     if not cfg.logical_clients:
         return None
-    clients = cfg.federation.clients
-    return Participation(cfg.train.seed, (0,) * clients, tuple(spread_ranks((0,) * clients, cfg.client_ranks)),
+    classes = tuple(client_class) if client_class is not None else ((0, 0),) * cfg.federation.clients
+    return Participation(cfg.train.seed, classes, tuple(spread_ranks(classes, cfg.client_ranks)),
                          cfg.clients_per_round, cfg.federation.aggregate_every, max_steps)
+
+
+def _rank_setup(cfg: RunConfig, setup: ClientSetup) -> tuple[ClientSetup, Optional[tuple[tuple[int, int], ...]]]:
+    """With logical clients a client rank is a device class: the setup the runtime sees has one
+    split point and rank per rank (spread_ranks), and the clients' classes are kept for the
+    participation plan. Without, the setup as it is."""
+    if not cfg.logical_clients:
+        return setup, None
+    classes = tuple(zip(setup.client_layers, setup.client_ranks))
+    ranks = spread_ranks(classes, cfg.client_ranks)
+    return dataclasses.replace(setup, client_layers=tuple(k for k, _ in ranks),
+                               client_ranks=tuple(r for _, r in ranks)), classes
 
 
 def _prepare_data(prep: Prepared) -> None:
@@ -270,7 +285,7 @@ def _prepare_data(prep: Prepared) -> None:
     prep.max_steps = planned_max_steps(cfg, counts)
     eval_bs = cfg.eval.batch_size or cfg.train.batch_size
     if role.kind != "centralized":
-        prep.participation = participation_of(cfg, prep.max_steps)
+        prep.participation = participation_of(cfg, prep.max_steps, prep.client_classes)
     # A client rank evaluates the validation shards of its clients (its home clients with logical
     # clients: the ones it would run if every client took part).
     val_sizes = [sum(len(data_plan.val_shards[c]) for c in home) for home in _home_clients(prep)]
