@@ -157,7 +157,11 @@ def test_client_ranks_and_clients_per_round_resolve():
                              "federation.clients_per_round=10"])
     assert (cfg.client_ranks, cfg.clients_per_round) == (4, 10)
     assert cfg.world_size == 5 and cfg.logical_clients  # 4 client ranks + 1 server stage
-    # Device classes (split point, rank pairs) need a rank each, and are not run yet.
-    with pytest.raises(ConfigError, match="logical clients do not support per-client split points"):
+    # Device classes: (split point, rank) pairs; two classes fit on two ranks.
+    cfg = load_config(None, ["train.max_steps=2", "federation.clients=4", "federation.client_ranks=2",
+                             "split.client_layers=[1, 2, 1, 2]", "lora.rank=[2, 4, 2, 4]"])
+    assert cfg.client_ranks == 2
+    with pytest.raises(ConfigError, match="logical clients do not support per-client split points, ranks or budgets "
+                                          "with federation.secure_aggregation"):
         load_config(None, ["train.max_steps=2", "federation.clients=4", "federation.client_ranks=2",
-                           "split.client_layers=[1, 2, 1, 2]", "lora.rank=[2, 4, 2, 4]"])
+                           "split.client_layers=[1, 2, 1, 2]", "federation.secure_aggregation=true"])

@@ -204,3 +204,57 @@ def test_export_of_a_logical_run(tmp_path):
     assert all(torch.equal(client[k], v) for k, v in load_file(str(step / "client1.safetensors")).items())
     exported = load_file(str(out / "adapter_model.safetensors"))
     assert len(exported) == len(client) + len(load_file(str(step / "server0.safetensors")))
+
+
+def _updates(adapters: dict) -> dict:
+    """Each adapted module's update B A (the stacked aggregation's factors are not unique)."""
+    return {k: adapters[k.replace("lora_A", "lora_B")] @ a for k, a in adapters.items() if "lora_A" in k}
+
+
+def test_device_classes_one_rank_per_client_is_the_heterogeneous_run(tmp_path):
+    """Split points [1, 2] and ranks [2, 4] (stacked aggregation, server stage 0 holding block 1
+    for client 0): with client_ranks = clients set explicitly, the run goes through the round
+    strategy (every participant its own entry in the exchange) and equals the plain run."""
+    runs = {}
+    for name, fed in (("plain", {}), ("logical", {"client_ranks": 2})):
+        folder = tmp_path / name
+        recipe = write_recipe(folder, federation={"clients": 2, "aggregate_every": 2, **fed},
+                              split={"client_layers": [1, 2]}, lora={"rank": [2, 4], "alpha": 8, "dropout": 0.0},
+                              data={"num_samples": 41}, train={"max_steps": 4, "output_dir": str(folder / "out")})
+        check(launch(3, ["--recipe", str(recipe)]))
+        runs[name] = (scalars(folder / "tb" / "server0"),
+                      {r: load_file(str(folder / "out" / f"{r}.safetensors")) for r in ("client0", "client1", "server0")})
+    (loss_a, ad_a), (loss_b, ad_b) = runs["plain"], runs["logical"]
+    assert len(loss_a) == 4 and max(abs(a - b) for a, b in zip(loss_a, loss_b)) <= 1e-5
+    for role in ad_a:
+        ua, ub = _updates(ad_a[role]), _updates(ad_b[role])
+        assert sorted(ua) == sorted(ub) and max((ua[k] - ub[k]).abs().max().item() for k in ua) <= 1e-5
+
+
+def test_device_classes_serve_only_their_own_clients(tmp_path):
+    """6 clients in two device classes (split point 1 at rank 2, split point 2 at rank 4) on 2
+    ranks, 3 per round: each rank runs only clients of its class, and after each round every rank
+    of a class holds its class's global adapters (the ranks' last outputs here)."""
+    recipe = write_recipe(tmp_path, federation={"clients": 6, "client_ranks": 2, "clients_per_round": 3,
+                                                "aggregate_every": 2},
+                          split={"client_layers": [1, 2, 1, 2, 1, 2]},
+                          lora={"rank": [2, 4, 2, 4, 2, 4], "alpha": 8, "dropout": 0.0},
+                          data={"num_samples": 90}, train={"max_steps": 4, "output_dir": str(tmp_path / "out")})
+    proc = launch(3, ["--recipe", str(recipe)])
+    check(proc)
+    loss = scalars(tmp_path / "tb" / "server0")
+    assert len(loss) >= 4 and all(v == v for v in loss)
+    c0, c1 = (load_file(str(tmp_path / "out" / f"client{r}.safetensors")) for r in (0, 1))
+    assert {k.split(".")[1] for k in c0} == {"1"} and {k.split(".")[1] for k in c1} == {"1", "2"}
+    assert {v.shape[0] for k, v in c0.items() if "lora_A" in k} == {2}
+    assert {v.shape[0] for k, v in c1.items() if "lora_A" in k} == {4}
+    # Block 0 (layer 1) is held by both classes. After the last aggregation each holds the round's
+    # summed update at its own rank (stacked: a truncated SVD), so the rank-2 class's update is
+    # the best rank-2 approximation of the rank-4 class's (truncations nest). LoRA scale: alpha / r.
+    u0, u1 = _updates(c0), _updates(c1)
+    shared = [k for k in u0 if k in u1]
+    assert shared
+    for k in shared:
+        U, S, Vh = torch.linalg.svd((8 / 4) * u1[k].double())
+        best2 = (U[:, :2] * S[:2]) @ Vh[:2]
+        assert ((8 / 2) * u0[k].double() - best2).abs().max().item() <= 1e-5
