@@ -388,7 +388,9 @@ def _announce(prep: Prepared) -> None:
     setup = prep.setup
     if cfg.mode == "split":
         how = "FedAvg" if setup is None or setup.aggregation == "fedavg" else f"{setup.aggregation} aggregation"
-        print(f"[splitlora_ds] mode=split: {prep.topology.clients} clients + {prep.topology.server_stages} "
+        # with logical clients the client roles (client0, ...) are ranks, each serving many clients
+        clients = f"{prep.topology.clients} client rank(s)" if prep.participation is not None else f"{prep.topology.clients} clients"
+        print(f"[splitlora_ds] mode=split: {clients} + {prep.topology.server_stages} "
               f"server stage(s), {prep.plan.num_blocks} blocks, {how} every {cfg.federation.aggregate_every} "
               f"step(s)", flush=True)
     if prep.mode.u_shaped:

@@ -153,3 +153,14 @@ def test_defaults_are_todays_federation():
         plan = plan_round(0, 6, client_class, spread_ranks(client_class, 4), per_round=4)
         assert plan.slots == 1 and plan.active_ranks(0) == (0, 1, 2, 3)
         assert [plan.client_of(r, 0) for r in range(4)] == [0, 1, 2, 3]
+
+
+def test_with_one_rank_per_client_a_client_keeps_its_rank_in_every_round():
+    """R = N with K < N: client c runs on rank c whenever it is sampled (its own device, so it may
+    keep its optimizer state); the other ranks sit the round out."""
+    classes = (0, 0, 1, 1, 0)
+    ranks = spread_ranks(classes, 5)
+    for r in range(20):
+        plan = plan_round(3, r, classes, ranks, 2)
+        assert [list(cs) for cs in plan.per_rank] == [[c] if c in plan.sampled else [] for c in range(5)]
+        assert plan.slots == 1

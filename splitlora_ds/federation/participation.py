@@ -119,12 +119,17 @@ def assign(sampled: Sequence[int], client_class: Sequence[Hashable],
     A client goes only to a rank of its own class; within a class the sampled clients, sorted,
     go round-robin over the class's ranks (in rank order), so per-rank counts in a class differ
     by at most one. A sampled client whose class has no rank is an error naming the client.
+    With one rank per client (and `rank_class` the clients' classes, as `spread_ranks` gives
+    them), client c always runs on rank c: a client keeps its device, and its optimizer state,
+    in every round it is sampled.
     """
     if len(set(sampled)) != len(sampled):
         raise ValueError(f"assign: sampled clients repeat: {sorted(sampled)}")
     for c in sampled:
         if not 0 <= c < len(client_class):
             raise ValueError(f"assign: client {c} out of range for {len(client_class)} clients")
+    if list(rank_class) == list(client_class):
+        return [[c] if c in set(sampled) else [] for c in range(len(client_class))]
     ranks_of: dict[Hashable, list[int]] = {}
     for r, k in enumerate(rank_class):
         ranks_of.setdefault(k, []).append(r)
