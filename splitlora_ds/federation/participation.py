@@ -32,6 +32,7 @@ today's one-rank-per-client federation.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -269,7 +270,7 @@ class Participation:
     def locate(self, step: int) -> StepPlace:
         if not 0 <= step < self.steps:
             raise ValueError(f"locate: step {step} outside the run's {self.steps} steps")
-        r = max(i for i, s in enumerate(self._starts) if s <= step)
+        r = bisect.bisect_right(self._starts, step) - 1  # called per instruction: no scan over rounds
         length = self.round_length(r)
         slot, local = divmod(step - self._starts[r], length)
         return StepPlace(self.plans[r], slot, local, length, r * self.aggregate_every)
