@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from splitlora_ds.errors import ConfigError
@@ -232,6 +232,10 @@ class Participation:
     per_round: int
     aggregate_every: int
     max_steps: int
+    # derived in __post_init__: every round's plan, the step each round starts at, the run's steps
+    plans: tuple[RoundPlan, ...] = field(init=False, repr=False, compare=False)
+    _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    steps: int = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.aggregate_every < 1:

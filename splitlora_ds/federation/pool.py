@@ -36,11 +36,10 @@ class ClientPool:
         active = [plan.client_of(r, slot) for r in plan.active_ranks(slot)]
         return self.sample_counts[client] / sum(self.sample_counts[c] for c in active)
 
-    def stream(self, client: int, round_index: int, local_step: int = 0) -> ClientBatches:
-        """`client`'s stream where its participation in round `round_index` stands after
-        `local_step` local steps (0: the participation's start)."""
+    def stream(self, client: int, round_index: int) -> ClientBatches:
+        """`client`'s stream where its participation in round `round_index` starts."""
         if self.make_stream is None:
             raise RuntimeError("ClientPool.stream: this rank reads no client data (a server rank)")
         stream = self.make_stream(client)
-        stream.skip_to(self.participation.consumed(client, round_index) + local_step)
+        stream.skip_to(self.participation.consumed(client, round_index))
         return stream
