@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Optional, Sequence
 
-import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
@@ -80,44 +79,6 @@ def env_world() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     return rank, world, local
-
-
-def select_device(local_rank: int) -> torch.device:
-    """GPU when there is one (nccl), else CPU (gloo): the same config runs on both."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def init_distributed(timeout_s: float, backend: str = "auto") -> None:
-    """Start torch.distributed through DeepSpeed with a bounded timeout.
-
-    A single process without launcher variables still gets a 1-rank world (mode=centralized), so
-    the same DeepSpeed engine code serves both modes.
-    """
-    import deepspeed
-    import deepspeed.ops
-
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    # DeepSpeed JIT-builds a shared-memory all-reduce op at init on CPU (~30 s of compiling per
-    # fresh machine). It only speeds up large CPU all-reduces, which this job never does: our
-    # collectives are adapter averages. Marking it incompatible makes DeepSpeed skip it.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    kwargs = {} if backend == "auto" else {"dist_backend": backend}
-    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False, **kwargs)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SingleRankMPU:

@@ -18,7 +18,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import load_config  # noqa: E402
 from .errors import ConfigError  # noqa: E402
-from .failures import EXIT_PEER_LOST, PeerLost  # noqa: E402
+from .failures import (EXIT_ERROR, EXIT_PEER_FAILED, EXIT_PEER_LOST, Failure, FailureBoard, PeerLost,  # noqa: E402
+                       describe_error, format_traceback, is_peer_failure, linger_seconds, who)
+from .placement import place_this_rank  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.world_size:
             print(cfg.world_size)
             return 0
+        # Before DeepSpeed loads: it picks its accelerator (the device engines move to) at import.
+        placement = None if args.dry_run else place_this_rank(cfg.dist.backend)
         from .prepare import prepare
+        from .rendezvous import join
         from .trainer import train  # DeepSpeed and transformers load only for real runs
 
         prep = prepare(cfg, dry_run=args.dry_run, resume=args.resume)
@@ -56,26 +61,54 @@ def main(argv: list[str] | None = None) -> int:
             print(plan_report(cfg, prep.family, prep.hf_config, prep.plan, args.recipe, prep.setup))
             return 0
     except ConfigError as e:
-        print(f"splitlora_ds: error: {e}", file=sys.stderr, flush=True)
+        _say(f"splitlora_ds: error: {e}")
         return 2
     try:
-        train(prep)
+        rendezvous = join(placement, cfg.dist.timeout_s)
+    except RuntimeError as e:  # the store or the process group could not be formed
+        if not is_peer_failure(e):
+            raise
+        _say(f"splitlora_ds: error: rank {os.environ.get('RANK', '0')} could not meet the other ranks at "
+             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within dist.timeout_s "
+             f"({cfg.dist.timeout_s:g} s): is every rank started, with the same MASTER_ADDR and MASTER_PORT? "
+             f"({type(e).__name__}: {str(e).splitlines()[0]})")
+        return EXIT_PEER_LOST
+    board = FailureBoard(rendezvous.store, rendezvous.rank, rendezvous.world, linger_seconds(cfg.dist.timeout_s),
+                         rendezvous.store_address)
+    layout = prep.mode.layout
+    try:
+        train(prep, rendezvous=rendezvous)
     except ConfigError as e:
         # Input errors are raised before the first collective (prepare.py), except the host
         # agreement's (hosts.py), where every rank decides alike from the same gathered data and
         # so prints the same line. The process group may still wait on peers at teardown: leave
-        # at once. One write call: ranks sharing a console (one launcher per host) then cannot
-        # interleave their lines (print writes the text and the newline separately).
-        sys.stderr.flush()
-        os.write(2, f"splitlora_ds: error: {e}\n".encode())
+        # at once.
+        _say(f"splitlora_ds: error: {e}")
         os._exit(2)
     except PeerLost as e:
-        layout = prep.mode.layout
-        print(f"splitlora_ds: error: {e.describe(layout, prep.rank)}", file=sys.stderr, flush=True)
+        first = board.first()
+        if first is None:  # this rank is the first to see the loss: the others will name it
+            board.post(Failure("lost", f"{e.what_was_lost(layout)} (seen by {who(layout, prep.rank)})"))
+        _say(f"splitlora_ds: error: {e.describe(layout, prep.rank, first)}")
+        board.leave()
         # The process group cannot shut down cleanly with a peer gone (its teardown may wait on
         # it): leave at once, with the one line above as the only report.
-        os._exit(EXIT_PEER_LOST)
+        os._exit(EXIT_PEER_FAILED if first is not None and first.kind == "error" else EXIT_PEER_LOST)
+    except Exception as e:  # noqa: BLE001 - this rank's own error: its traceback, then one line
+        line = describe_error(e, who(layout, prep.rank), str(rendezvous.device))
+        board.post(Failure("error", line))
+        _say(format_traceback(e).rstrip() + f"\nsplitlora_ds: error: {line}")
+        board.leave()
+        os._exit(EXIT_ERROR)
     return 0
+
+
+def _say(text: str) -> None:
+    """One write per report: ranks sharing a console (one launcher per host) then cannot
+    interleave or run their lines together (print writes the text and the newline separately)."""
+    sys.stdout.flush()
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

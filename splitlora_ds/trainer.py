@@ -31,7 +31,7 @@ from .federation.strategy import Aggregator
 from .federation.fedavg import sample_weights
 from .runtime.executor import Executor, GradClip, Hetero, Observer, Packing, RoleParts
 from .runtime.stats import EvalStats, StepStats
-from .failures import PeerLost
+from .failures import PeerLost, is_peer_failure
 from .privacy.dp import ClientPrivacy
 from .hetero.importance import ImportanceTracker, resizable, resize_
 from .hetero.replan import ImportanceReplan
@@ -43,7 +43,9 @@ from .run_summary import RunSummary, current_rss_bytes
 from .client_figures import participation_figures, step_client_figures
 from .federation.participation import participations
 from .stage import build_stage, save_adapters
-from .topology import SingleRankMPU, init_distributed, make_groups, select_device
+from .placement import place_this_rank
+from .rendezvous import Rendezvous, join
+from .topology import SingleRankMPU, make_groups
 
 # eval/ppl = exp(loss), capped so a diverged run logs a large number instead of inf.
 _MAX_LOG_PPL = 50.0
@@ -52,11 +54,13 @@ _RANK_SEED_STRIDE = 100_003
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def train(prep: Prepared, observers: Sequence[Observer] = ()) -> None:
+def train(prep: Prepared, observers: Sequence[Observer] = (), rendezvous: Optional[Rendezvous] = None) -> None:
+    """Train this rank's part; `rendezvous`: the job already joined (train.main), else joined here."""
     cfg, role, topology = prep.cfg, prep.role, prep.topology
     std_logging.getLogger("DeepSpeed").setLevel(std_logging.WARNING)
-    init_distributed(cfg.dist.timeout_s, cfg.dist.backend)
-    device = select_device(prep.local_rank)  # before the first collective: nccl gathers objects on it
+    if rendezvous is None:
+        rendezvous = join(place_this_rank(cfg.dist.backend), cfg.dist.timeout_s)
+    device = rendezvous.device
     _agree_across_hosts(prep)
     timeout = timedelta(seconds=cfg.dist.timeout_s)
     mode = prep.mode
@@ -252,6 +256,8 @@ def _barrier(prep: Prepared, step: int, during: str) -> None:
     try:
         dist.barrier()
     except RuntimeError as e:
+        if not is_peer_failure(e):
+            raise
         world = dist.get_world_size()
         raise PeerLost([r for r in range(world) if r != prep.rank], e, step, during) from e
 

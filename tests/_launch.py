@@ -38,11 +38,23 @@ def _zygote() -> Zygote:
     return Zygote(ROOT)
 
 
+def _cuda_visible() -> bool:
+    """Whether ranks may use CUDA. A process forked from the zygote cannot initialise CUDA (its
+    parent imported DeepSpeed, which queries the driver: "Cannot re-initialize CUDA in forked
+    subprocess"), so where CUDA is visible every rank is a fresh process started by the real
+    launcher. The CPU suite hides the GPUs (conftest.py) and keeps the fast zygote."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def launch(nprocs: int, args: list[str], script: str | None = None, timeout: float = 300,
            cwd: Path | None = None, env: dict | None = None, real: bool = False) -> subprocess.CompletedProcess:
     """Run N ranks of splitlora_ds.train (or a script) with their own master port (in `cwd`, the
     project root unless given; `env`: rank_env() unless given): forked from a process that has
-    imported everything already (tests/_zygote.py), or, `real`, under `deepspeed --num_gpus N`."""
+    imported everything already (tests/_zygote.py), or, `real` or wherever CUDA is visible (the
+    GPU suite), under `deepspeed --num_gpus N`."""
+    real = real or _cuda_visible()
     if not real:
         return _zygote().run(nprocs, args, script, timeout, cwd or ROOT, env or rank_env())
     target = [script] if script else ["--module", "splitlora_ds.train"]
@@ -52,7 +64,8 @@ def launch(nprocs: int, args: list[str], script: str | None = None, timeout: flo
 
 def run_single(args: list[str], timeout: float = 300, real: bool = False) -> subprocess.CompletedProcess:
     """One process without launcher variables (mode=centralized), forked like `launch`'s ranks,
-    or, `real`, as `python -m splitlora_ds.train`."""
+    or, `real` or wherever CUDA is visible, as `python -m splitlora_ds.train`."""
+    real = real or _cuda_visible()
     if not real:
         return _zygote().run(1, args, None, timeout, ROOT, rank_env(), ranks_env=False)
     cmd = [sys.executable, "-m", "splitlora_ds.train", *args]

@@ -8,7 +8,8 @@ imports, and then only forks: it never runs a torch op itself, so no OpenMP or a
 exists to be lost across fork. Each request forks one child per rank with the deepspeed
 launcher's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), runs
 `splitlora_ds.train` (or a script) with the given arguments, and returns the ranks' exit codes
-and their stdout/stderr, rank after rank, as a CompletedProcess."""
+and their stdout/stderr, rank after rank, as a CompletedProcess (whose `ranks` holds each rank's
+own CompletedProcess: its exit code, stdout and stderr)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _serve(conn, root: str) -> None:
 
 
 def _run(nprocs: int, args: list[str], script: Optional[str], timeout: float, cwd: str, env: dict,
-         ranks_env: bool) -> tuple[int, str, str]:
+         ranks_env: bool) -> tuple[int, str, str, list]:
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         pids = []
@@ -53,11 +54,13 @@ def _run(nprocs: int, args: list[str], script: Optional[str], timeout: float, cw
                 _child(rank, nprocs, port, args, script, cwd, env, ranks_env, Path(tmp))
             pids.append(pid)
         codes = _wait(pids, timeout)
-        out = "".join((Path(tmp) / f"{r}.out").read_text(errors="replace") for r in range(nprocs))
-        err = "".join((Path(tmp) / f"{r}.err").read_text(errors="replace") for r in range(nprocs))
+        outs = [(Path(tmp) / f"{r}.out").read_text(errors="replace") for r in range(nprocs)]
+        errs = [(Path(tmp) / f"{r}.err").read_text(errors="replace") for r in range(nprocs)]
+    ranks = list(zip(codes, outs, errs))
+    out, err = "".join(outs), "".join(errs)
     if any(c is None for c in codes):
-        return 124, out, err + f"\nzygote: ranks still running after {timeout} s were killed\n"
-    return next((c for c in codes if c != 0), 0), out, err
+        return 124, out, err + f"\nzygote: ranks still running after {timeout} s were killed\n", ranks
+    return next((c for c in codes if c != 0), 0), out, err, ranks
 
 
 def _child(rank: int, world: int, port: int, args: list[str], script: Optional[str], cwd: str, env: dict,
@@ -135,8 +138,10 @@ class Zygote:
     def run(self, nprocs: int, args: list[str], script: Optional[str] = None, timeout: float = 300,
             cwd: Optional[Path] = None, env: Optional[dict] = None, ranks_env: bool = True) -> subprocess.CompletedProcess:
         self._conn.send((nprocs, list(args), script, timeout, str(cwd), dict(env or os.environ), ranks_env))
-        code, out, err = self._conn.recv()
-        return subprocess.CompletedProcess(["zygote", str(nprocs), *args], code, out, err)
+        code, out, err, ranks = self._conn.recv()
+        proc = subprocess.CompletedProcess(["zygote", str(nprocs), *args], code, out, err)
+        proc.ranks = [subprocess.CompletedProcess([str(r)], c, o, e) for r, (c, o, e) in enumerate(ranks)]
+        return proc
 
     def close(self) -> None:
         self._conn.send(None)

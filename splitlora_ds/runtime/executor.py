@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..comm import P2P
-from ..failures import PeerLost, wait_on
+from ..failures import PeerLost, is_peer_failure, note_where, wait_on
 from ..federation.fedavg import broadcast_, flat_nbytes
 from ..hetero.importance import ImportanceTracker
 from ..federation.pool import ClientPool
@@ -229,18 +229,21 @@ class Executor:
         return result
 
     def _execute(self, instruction: I.Instruction, step: int) -> None:
-        """Run one instruction; a failed exchange with a peer becomes PeerLost naming the peer,
-        the step and the instruction (errors of instructions that talk to nobody propagate)."""
+        """Run one instruction. A backend, connection or timeout error of an exchange with a peer
+        becomes PeerLost naming the peers, the step and the instruction; any other error (out of
+        memory, a bad tensor, a bug) propagates as itself, noted with the step and instruction."""
+        kind = type(instruction).__name__
         try:
             self._handlers[type(instruction)](instruction)
         except PeerLost as e:
-            e.step, e.during = step, type(instruction).__name__
+            e.step, e.during = step, kind
             raise
-        except RuntimeError as e:
+        except Exception as e:
             peers = self.schedule.peers(instruction, self.role.rank)
-            if not peers:
-                raise
-            raise PeerLost(peers, e, step, type(instruction).__name__) from e
+            if peers and is_peer_failure(e):
+                raise PeerLost(peers, e, step, kind) from e
+            note_where(e, step, kind)
+            raise
 
     def _wait_sends(self, step: int) -> None:
         """Sends start at once and are waited for here, at the end of the step: a rank never
