@@ -66,7 +66,7 @@ def cells(row):
 
 
 def tables(path):
-    """Every table in the file: a list of rows (header first), each a list of cells; and the raw rows."""
+    """Every table in the file: a list of rows (header first, the --- row left out), each a list of cells."""
     found, current = [], []
     for line in text_lines(path) + [""]:
         if line.lstrip().startswith("|"):
