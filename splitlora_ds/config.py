@@ -21,11 +21,11 @@ from .errors import ConfigError
 MODES = ("split", "centralized", "fedlora", "sequential")
 AGGREGATIONS = ("auto", "fedavg", "stacked", "zero_pad")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
-# split.micro_batches: measured on the E2E CPU recipe (README, "Pipeline"): M = 4 keeps clients and
-# server busy at once without micro-batches so small that per-instruction overheads dominate.
+# split.micro_batches: measured on the E2E CPU recipe (docs/benchmarks.md, "Pipeline and packing"):
+# M = 4 keeps clients and server busy at once without micro-batches so small that per-instruction overheads dominate.
 DEFAULT_MICRO_BATCHES = 4
 # train.pack_length: a packed row's attention is dense over the row, so its cost per token grows
-# with the row's length: measured best of 256, 512 and 1024 on the pipeline target (README).
+# with the row's length: measured best of 256, 512 and 1024 on the pipeline target (docs/benchmarks.md).
 DEFAULT_PACK_LENGTH = 512
 
 
@@ -334,7 +334,7 @@ class ImportanceConfig:
 
 @dataclass
 class PrivacyConfig:
-    """Differential-privacy options (off by default; privacy/dp.py, README "Differential privacy")."""
+    """Differential-privacy options (off by default; privacy/dp.py, docs/privacy.md "Differential privacy")."""
 
     # On activations: each sample's cut-layer activations are clipped to this L2 norm before they
     # leave the client, then Gaussian noise of std activation_noise x activation_clip is added.

@@ -12,7 +12,7 @@ import sys
 
 # CPU ranks that share a machine's cores: a waiting rank's OpenMP threads must sleep at once
 # instead of spinning (libgomp's default), so that whichever rank computes gets the cores
-# (README, "Threads on a shared CPU"). libgomp reads this when torch loads: before any import
+# (docs/design.md, "Threads on a shared CPU"). libgomp reads this when torch loads: before any import
 # that loads torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

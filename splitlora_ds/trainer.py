@@ -214,7 +214,7 @@ def _log_run_start(prep: Prepared, writer: MetricsWriter, main: bool, start: int
 
 
 def _step_values(stats: StepStats, p2p: P2P, role) -> dict[str, float]:
-    """A training step's TensorBoard scalars (see README, 'Metrics')."""
+    """A training step's TensorBoard scalars (see docs/metrics.md)."""
     values = {"time/step_s": stats.seconds, "time/compute_s": stats.compute_seconds, "train/lr": stats.lr,
               "comm/bytes_sent": p2p.bytes_sent, "comm/bytes_received": p2p.bytes_received}
     if role.is_client:

@@ -111,7 +111,7 @@ def run_mode(cfg: RunConfig, recipe: str, overrides: list[str], out_dir: Path, t
 
 @dataclass
 class ModeResult:
-    """What the benchmark reports for one mode (see README, 'Benchmark')."""
+    """What the benchmark reports for one mode (see docs/benchmarks.md)."""
 
     mode: str
     clients: int
@@ -215,7 +215,7 @@ def participant_server_flops(client_summaries: list[dict], server_summaries: lis
 def _client_traffic(run_dir: str, summary: dict, steps: list[int]) -> list[tuple[int, float]]:
     """(step, bytes sent + received so far) of one client: from its TensorBoard run, or, when that
     run stayed on the client's own host (multi-host runs gather only summaries, log.gather), from
-    its summary's totals spread evenly over the steps (an approximation the README states)."""
+    its summary's totals spread evenly over the steps (an approximation docs/benchmarks.md states)."""
     if os.path.isdir(run_dir) and any(f.name.startswith("events.") for f in os.scandir(run_dir)):
         sent = dict(read_scalars(run_dir, "comm/bytes_sent"))
         received = dict(read_scalars(run_dir, "comm/bytes_received"))

@@ -1,4 +1,4 @@
-"""`python -m splitlora_ds.bench.targets --out DIR [--recipe R]`: the README's performance targets,
+"""`python -m splitlora_ds.bench.targets --out DIR [--recipe R]`: the performance targets of docs/benchmarks.md,
 measured side by side on this machine, as ratios.
 
 - overhead:  split with one client against centralized, same batch and threads: median step time.
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="threads of the centralized run in the co-located row (default: every core)")
     p.add_argument("--colocated-threads", type=int, default=os.cpu_count() or 1,
                    help="threads per rank of the co-located split run (default: every core; waiting "
-                        "ranks sleep, see README 'Threads on a shared CPU')")
+                        "ranks sleep, see docs/design.md 'Threads on a shared CPU')")
     p.add_argument("--only", default="overhead,batching,footprint,pipeline,colocated", help=f"row groups to run (default all: {','.join(GROUPS)})")
     return p.parse_args(argv)
 
