@@ -8,6 +8,13 @@ receiver's compute dtype. Every byte sent and received is counted for the comm/ 
 Tensors with no elements (a client whose validation shard ran out sends zero rows) travel as
 their header entry alone: the receiver makes them from the shape, and no backend is ever asked to
 send or receive an empty buffer (NCCL's behaviour for those is not something to rely on).
+
+Floating tensors (activations, gradients, adapters) arrive on the compute device; integer tensors
+(segment ids, targets, owners, counts) arrive on the host, where the receiver's bookkeeping reads
+them. The host waits for the device only where it must know what arrived: under NCCL (tensors
+travel from device memory) it reads the headers of one receive, then its integer tensors, one
+transfer each; under gloo (through host memory) neither read waits for the device. Copies from
+the host to the device never block the host.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ MAX_TENSORS = 6
 MAX_DIMS = 4
 _SLOT = 2 + MAX_DIMS  # dtype code, ndim, dims...
 HEADER_LEN = 1 + MAX_TENSORS * _SLOT
+HOST = torch.device("cpu")
 
 
 def encode_header(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -62,8 +70,9 @@ def _nbytes(t: torch.Tensor) -> int:
 class P2P:
     """Sends and receives bundles between this rank and its peers, counting bytes.
 
-    `device` is where received tensors are used; `staging` is where they travel from and to: the
-    same device under nccl, host memory under gloo (which cannot send CUDA tensors).
+    `device` is where received floating tensors are used (integer ones are used on the host);
+    `staging` is where tensors travel from and to: the same device under nccl, host memory under
+    gloo (which cannot send CUDA tensors).
     """
 
     def __init__(self, device: torch.device, wire_dtype: Optional[torch.dtype] = None,
@@ -88,13 +97,15 @@ class P2P:
         t = t.detach()
         if self.wire_dtype is not None and t.is_floating_point() and not exact:
             t = t.to(self.wire_dtype)
-        return t.to(self.staging).contiguous()
+        # To the host (gloo) the copy must be complete before the backend reads it; onto a device
+        # it is queued, in order with the send.
+        return t.to(self.staging, non_blocking=self.staging != HOST).contiguous()
 
     def isend(self, tensors: Sequence[torch.Tensor], dst: int, exact: bool = False) -> list:
         """Start sending a bundle; returns work handles to `wait()` on. `exact`: in the tensors'
         own dtype, whatever the wire dtype (weights, not activations)."""
         wire = [self._to_wire(t, exact) for t in tensors]
-        header = encode_header(wire).to(self.staging)
+        header = encode_header(wire).to(self.staging, non_blocking=self.staging != HOST)
         works = [ds_comm.isend(header, dst)] + [ds_comm.isend(t, dst) for t in wire if t.numel()]
         self.bytes_sent += _nbytes(header) + sum(_nbytes(t) for t in wire)
         # Keep the buffers alive until the sends complete.
@@ -109,18 +120,33 @@ class P2P:
         A source that fails raises failures.PeerLost naming it."""
         headers = [torch.empty(HEADER_LEN, dtype=torch.int64, device=self.staging) for _ in srcs]
         wait_each([[ds_comm.irecv(h, src)] for h, src in zip(headers, srcs)], srcs)
+        # The shapes are needed on the host to allocate the buffers: one read for all the headers.
         bundles, works = [], []
-        for h, src in zip(headers, srcs):
+        for h, src in zip(_to_host(headers), srcs):
             bufs = [torch.empty(shape, dtype=dt, device=self.staging) for dt, shape in decode_header(h)]
             works.append([ds_comm.irecv(b, src) for b in bufs if b.numel()])
             bundles.append(bufs)
             self.bytes_received += _nbytes(h) + sum(_nbytes(b) for b in bufs)
         wait_each(works, srcs)
-        return [[b.to(self.device, float_dtype if b.is_floating_point() else b.dtype) for b in bufs]
-                for bufs in bundles]
+        integers = iter(_to_host([b for bufs in bundles for b in bufs if not b.is_floating_point()]))
+        return [[b.to(self.device, float_dtype, non_blocking=True) if b.is_floating_point() else next(integers)
+                 for b in bufs] for bufs in bundles]
 
     def recv(self, src: int, float_dtype: torch.dtype) -> list[torch.Tensor]:
         return self.recv_many([src], float_dtype)[0]
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors` on the host, with one device-to-host copy for all of those that are elsewhere
+    (each copy makes the host wait for the device; one wait is enough)."""
+    away = [i for i, t in enumerate(tensors) if t.device != HOST]
+    if not away:
+        return list(tensors)
+    flat = torch.cat([tensors[i].reshape(-1).to(torch.int64) for i in away]).to(HOST)
+    out = list(tensors)
+    for i, part in zip(away, flat.split([tensors[i].numel() for i in away])):
+        out[i] = part.to(tensors[i].dtype).view(tensors[i].shape)
+    return out
 
 
 class _Keep:

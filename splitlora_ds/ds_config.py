@@ -75,8 +75,10 @@ def role_ds_config(base: dict, micro_batch: int, max_steps: int, clips_itself: b
     """A copy of `base` with this role's batch size and the run length filled in.
     `clips_itself` False: the trainer clips by the global norm, so the engine must not clip."""
     cfg = copy.deepcopy(base)
-    if not clips_itself:
-        cfg.pop("gradient_clipping", None)
+    # Spelled out either way: DeepSpeed clips at 1.0 when the key is absent, while here an absent
+    # key means no clipping (ds_config_schema), and an engine whose trainer clips by the global
+    # norm must not clip its own part again.
+    cfg["gradient_clipping"] = float(cfg.get("gradient_clipping", 0.0)) if clips_itself else 0.0
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = 1
     cfg["train_batch_size"] = micro_batch  # each role is a data-parallel world of one

@@ -105,8 +105,8 @@ class Stage(nn.Module):
             return x
         order = torch.argsort(row_entry, stable=True)
         entry = row_entry[order].tolist()
-        restore = torch.argsort(order).to(x.device)
-        order = order.to(x.device)
+        restore = torch.argsort(order).to(x.device, non_blocking=True)  # queued: the host does not wait
+        order = order.to(x.device, non_blocking=True)
         x, mask = x[order], attention_mask[order]
         row_scale = shared_grad.row_scale[order] if shared_grad is not None else None
         contexts: dict[int, dict] = {}

@@ -62,13 +62,14 @@ def launch(nprocs: int, args: list[str], script: str | None = None, timeout: flo
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env or rank_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def run_single(args: list[str], timeout: float = 300, real: bool = False) -> subprocess.CompletedProcess:
+def run_single(args: list[str], timeout: float = 300, real: bool = False,
+               script: str | None = None) -> subprocess.CompletedProcess:
     """One process without launcher variables (mode=centralized), forked like `launch`'s ranks,
-    or, `real` or wherever CUDA is visible, as `python -m splitlora_ds.train`."""
+    or, `real` or wherever CUDA is visible, as `python -m splitlora_ds.train` (or `python script`)."""
     real = real or _cuda_visible()
     if not real:
-        return _zygote().run(1, args, None, timeout, ROOT, rank_env(), ranks_env=False)
-    cmd = [sys.executable, "-m", "splitlora_ds.train", *args]
+        return _zygote().run(1, args, script, timeout, ROOT, rank_env(), ranks_env=False)
+    cmd = [sys.executable, *([script] if script else ["-m", "splitlora_ds.train"]), *args]
     return subprocess.run(cmd, cwd=ROOT, env=rank_env(), capture_output=True, text=True, timeout=timeout)
 
 

@@ -219,6 +219,17 @@ def test_adam_runs_as_torch_unless_fused_is_asked_for():
     assert role_ds_config(fused, 4, 10)["optimizer"]["params"]["torch_adam"] is False
 
 
+def test_the_engine_clips_only_when_the_config_asks_and_the_trainer_does_not():
+    """DeepSpeed's own default is to clip at 1.0; an absent key means no clipping here, and a
+    trainer that clips by the global norm leaves the engines nothing to clip."""
+    from splitlora_ds.ds_config import role_ds_config
+
+    base = {"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+    assert role_ds_config(base, 4, 10)["gradient_clipping"] == 0.0
+    assert role_ds_config({**base, "gradient_clipping": 5.0}, 4, 10)["gradient_clipping"] == 5.0
+    assert role_ds_config({**base, "gradient_clipping": 5.0}, 4, 10, clips_itself=False)["gradient_clipping"] == 0.0
+
+
 def test_fused_adam_without_cuda_is_refused_before_the_run(monkeypatch):
     from splitlora_ds.ds_config import check_fused_adam
 

@@ -13,10 +13,12 @@ from .packing import PackPlan
 
 @dataclass
 class MicroBatch:
-    """One micro-batch on one rank. `x` is the stage's input: token ids on a rank that embeds,
-    hidden states elsewhere. `mask` holds segment ids (0 = padding; see models.base.causal_context),
-    `targets` the next-token target of every position (-100: none; None on a U-shaped split's
-    server, which never sees them), `owner` the client each position belongs to (-1: padding)."""
+    """One micro-batch on one rank. `x` is the stage's input on the compute device: token ids on
+    a rank that embeds, hidden states elsewhere. The bookkeeping lives on the host, where the data
+    loader and the wire deliver it, so that deciding what to compute never waits for the device:
+    `mask` holds segment ids (0 = padding; see models.base.causal_context), `targets` the
+    next-token target of every position (-100: none; None on a U-shaped split's server, which
+    never sees them), `owner` the client each position belongs to (-1: padding)."""
 
     x: torch.Tensor
     mask: torch.Tensor
@@ -31,15 +33,22 @@ class MicroBatch:
     loss: Optional[torch.Tensor] = None
     grad_output: Optional[torch.Tensor] = None
     # U-shaped split. Server: each position's flat index in its client's own micro-batch (-1:
-    # padding), and per client the positions of its rows in client order (what its tail gets).
+    # padding), and per client the positions of its rows in client order (what its tail gets; on
+    # the device, where they index the output).
     origin: Optional[torch.Tensor] = None
     tail_positions: dict[int, torch.Tensor] = field(default_factory=dict)
     # Client: the server's output for its rows (a leaf: its gradient goes back) and the logits.
     tail_input: Optional[torch.Tensor] = None
     tail_output: Optional[torch.Tensor] = None
+    device_mask: Optional[torch.Tensor] = None  # `mask` on the compute device (what the model reads)
+
+    @property
+    def real_tokens(self) -> int:
+        """Real (non-padding) positions, counted on the host."""
+        return int((self.mask > 0).sum())
 
     @property
     def empty(self) -> bool:
         """No real token to compute (a short last batch split into more micro-batches than rows,
         or a client whose validation shard ran out)."""
-        return self.x.shape[0] == 0 or not bool((self.mask > 0).any())
+        return self.x.shape[0] == 0 or self.real_tokens == 0

@@ -18,6 +18,14 @@ rank from the sample counts), so no token count, target or id ever travels. The 
 stage hands each client the output at its own positions (in its own order) and scales the
 gradient each client returns by w_c; server stage 0 divides it out again, so each client's
 bottom gets the gradient of its own L_c, as in the standard split.
+
+Nothing in a step makes the host wait for the device before the step's end, so compute overlaps
+communication on a GPU: the bookkeeping (segment ids, targets, owners, token counts, packing plans,
+score indices) lives on the host, where the data loader and the wire deliver it, and goes to the
+device with queued copies; the step's figures (loss sums, the gradient norm) stay on the device
+until StepStats.finish reads them; the clock records CUDA events (timing.py). What still waits is
+the wire's (comm.py: under NCCL a receive reads its headers and integer tensors) and DeepSpeed's
+own engine clipping (clip_scope role, centralized). tests/test_host_sync.py counts them.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from ..masters import adapter_masters, copy_masters_to_params_, reset_optimizer_
 from ..modes import Mode
 from ..privacy.dp import ClientPrivacy
 from ..stage import SharedBlockGrad, Stage
-from ..timing import InstructionClock
+from ..timing import instruction_clock
 from ..topology import Groups, Role
 from . import instructions as I
 from .buffers import MicroBatch
@@ -124,7 +132,7 @@ class Executor:
         self.topology = parts.schedule.topology
         self.stage, self.engine, self.p2p = parts.stage, parts.engine, parts.p2p
         self.device = parts.p2p.device
-        self.clock = InstructionClock(self.device)
+        self.clock = instruction_clock(self.device)
         # What aggregation reads and writes: the optimizer's fp32 copies in bf16 runs.
         self.masters = adapter_masters(self.engine.optimizer, self.stage.adapter_parameters()) if self.engine else {}
         self.training = True
@@ -133,7 +141,7 @@ class Executor:
         self.holds_tail = self.u_shaped and parts.role.is_client  # the client runs its own tail and loss
         self.eval_batches: Optional[Iterator[dict]] = None
         self.buffers: dict[int, MicroBatch] = {}
-        self.step_counts: Optional[torch.Tensor] = None  # [clients] target tokens of this step per client
+        self.step_counts: Optional[torch.Tensor] = None  # [clients] target tokens of this step per client (host)
         self.pending: list[tuple[list, int]] = []  # sends in flight: (work handles, peer)
         self.stats = StepStats(-1)
         self.step = -1
@@ -173,21 +181,23 @@ class Executor:
 
     # ------------------------------------------------------------------ driver
     def train_step(self, step: int) -> StepStats:
+        """Run the step's instructions. Nothing here waits for the device until the step's end:
+        the clock marks instruction boundaries and the figures stay on the device; both are read
+        once, at the end (see timing.py and StepStats.finish)."""
         self._reset(step)
-        t0 = t = self.clock.now()
+        self.clock.start()
         for instruction in self.schedule.train(self.role, step):
             self._execute(instruction, step)
-            kind = type(instruction).__name__
-            done = self.clock.now()
-            self.stats.seconds_by[kind] = self.stats.seconds_by.get(kind, 0.0) + done - t
-            for observe in self.parts.observers:
-                observe(step, instruction, self)
-            t = self.clock.now() if self.parts.observers else done  # observers' time is nobody's instruction
+            self.clock.mark(type(instruction).__name__)
+            if self.parts.observers:
+                for observe in self.parts.observers:
+                    observe(step, instruction, self)
+                self.clock.mark(None)  # observers' time is nobody's instruction
         self._wait_sends(step)
-        done = self.clock.now()
-        self.stats.seconds_by["WaitSends"] = done - t
-        self.stats.seconds = done - t0
-        return self.stats
+        self.clock.mark("WaitSends")
+        timings = self.clock.finish()
+        self.stats.seconds, self.stats.seconds_by = timings.seconds, timings.by_label
+        return self.stats.finish()
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[dict], num_batches: int, step: int = -1) -> Optional[EvalStats]:
@@ -205,7 +215,7 @@ class Executor:
                  "labels": torch.full((0, 1), IGNORE, dtype=torch.long)}
         self.eval_batches = iter(list(batches)[:num_batches] + [empty] * max(0, num_batches - len(batches)))
         result = EvalStats() if self.computes_loss else None
-        t0 = self.clock.now()
+        self.clock.start()
         try:
             for _ in range(num_batches):
                 self._reset(-1)
@@ -213,7 +223,7 @@ class Executor:
                     self._execute(instruction, step)
                 self._wait_sends(step)
                 if result is not None:
-                    result.add(self.stats)
+                    result.add(self.stats.finish())
         finally:
             self.engine.train()
             self.training = True
@@ -221,11 +231,15 @@ class Executor:
             self.p2p.bytes_sent, self.p2p.bytes_received = traffic
         if result is not None and self.mode.loss_on_clients:
             # fedlora, U-shaped split: each client scored its own shard; the job-wide figure sums them all.
-            sums, tokens = self._sum_over_clients(result.client_loss_sum, result.client_tokens)
+            summed = self._sum_over_clients(torch.tensor([*result.client_loss_sum, *result.client_tokens],
+                                                         dtype=torch.float64)).tolist()
+            c = len(result.client_tokens)
+            sums, tokens = summed[:c], [int(t) for t in summed[c:]]
             result.loss_sum, result.tokens = float(sum(sums)), int(sum(tokens))
             result.client_loss_sum, result.client_tokens = sums, tokens
         if result is not None:
-            result.seconds = self.clock.now() - t0
+            self.clock.mark(None)
+            result.seconds = self.clock.finish().seconds
         return result
 
     def _execute(self, instruction: I.Instruction, step: int) -> None:
@@ -271,22 +285,22 @@ class Executor:
         self._use_batch(next(self.eval_batches), 1)
 
     def _use_batch(self, batch: dict, micro_batches: int) -> None:
-        """Split the batch's rows into micro-batch buffers 0..M-1, each packed on its own."""
-        ids = batch["input_ids"].to(self.device)
-        mask = batch["attention_mask"].to(self.device)
-        targets = next_token_targets(batch["labels"].to(self.device), mask)
+        """Split the batch's rows into micro-batch buffers 0..M-1, each packed on its own. The
+        loader's batches are on the host: targets, owners, the step's token counts and the packing
+        are worked out there, before anything moves to the device."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        targets = next_token_targets(batch["labels"], mask)
         # The client of every row: this client, or (a centralized batch pools every client's rows
         # in client order) the client that contributed it.
         sizes = batch.get("client_sizes")
         if sizes is None:
-            rows_owner = torch.full((ids.shape[0],), self._own_client, dtype=torch.long, device=self.device)
+            rows_owner = torch.full((ids.shape[0],), self._own_client, dtype=torch.long)
         else:
-            rows_owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
-                                                 torch.tensor(sizes, device=self.device))
+            rows_owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         owner = torch.where(mask > 0, rows_owner[:, None], -1)
         scored = owner[targets != IGNORE]
         self.step_counts = torch.bincount(scored, minlength=self.parts.clients)
-        for m, rows in enumerate(torch.arange(ids.shape[0], device=self.device).tensor_split(micro_batches)):
+        for m, rows in enumerate(torch.arange(ids.shape[0]).tensor_split(micro_batches)):
             self.buffers[m] = self._packed_input(ids[rows], mask[rows], targets[rows], owner[rows])
 
     @property
@@ -300,7 +314,25 @@ class Executor:
         if self.parts.privacy is not None and self.parts.privacy.cfg.activation_clip is not None:
             packing = Packing(enabled=False)
         plan = packing.plan([mask])
-        return MicroBatch(plan.pack([ids], 0), plan.segments, plan.pack([targets], IGNORE), plan.pack([owner], -1))
+        return MicroBatch(self._on_device(plan.pack([ids], 0)), plan.segments, plan.pack([targets], IGNORE),
+                          plan.pack([owner], -1))
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor's copy on the compute device, queued: the host does not wait for it."""
+        return t.to(self.device, non_blocking=True)
+
+    def _device_mask(self, b: MicroBatch) -> torch.Tensor:
+        if b.device_mask is None:
+            b.device_mask = self._on_device(b.mask)
+        return b.device_mask
+
+    def _score_index(self, b: MicroBatch) -> torch.Tensor:
+        """The flat positions with a next-token target (what the head projects), found on the host."""
+        return self._on_device((b.targets.flatten() != IGNORE).nonzero().squeeze(1))
+
+    def _step_tokens(self) -> int:
+        """The step's target tokens over every client (the loss's denominator), known on the host."""
+        return int(self.step_counts.sum())
 
     # ------------------------------------------------------------------ compute
     def _forward(self, ins: I.Forward) -> None:
@@ -311,21 +343,21 @@ class Executor:
                                    dtype=self.stage.compute_dtype, device=self.device)
             return
         self.stats.positions += b.x.shape[0] * b.x.shape[1]
-        self.stats.real_tokens += int((b.mask > 0).sum())
+        self.stats.real_tokens += b.real_tokens
         shared_grad = b.shared_grad if self.training else None
+        mask = self._device_mask(b)
         if self.holds_tail:
-            b.output = self.engine(b.x, b.mask, part="bottom")
+            b.output = self.engine(b.x, mask, part="bottom")
         elif self.computes_loss:
             # The head projects only positions with a next-token target: logits [N, V].
-            score_index = (b.targets.flatten() != IGNORE).nonzero().squeeze(1)
-            b.output = self.engine(b.x, b.mask, score_index, row_entry=b.row_entry, shared_grad=shared_grad)
+            b.output = self.engine(b.x, mask, self._score_index(b), row_entry=b.row_entry, shared_grad=shared_grad)
         else:
-            b.output = self.engine(b.x, b.mask, row_entry=b.row_entry, shared_grad=shared_grad)
+            b.output = self.engine(b.x, mask, row_entry=b.row_entry, shared_grad=shared_grad)
         leaves_client = self.role.is_client and (self.holds_tail or not self.computes_loss)
         if leaves_client and self.parts.privacy is not None:  # what leaves the client: clipped, noised
             # One release per step for the accountant: the micro-batches are disjoint parts
             # of the one batch sampled this step.
-            b.output = self.parts.privacy.release(b.output, b.mask, self.training and ins.buffer == 0)
+            b.output = self.parts.privacy.release(b.output, mask, self.training and ins.buffer == 0)
 
     def _compute_loss(self, ins: I.ComputeLoss) -> None:
         b = self.buffers[ins.buffer]
@@ -335,8 +367,8 @@ class Executor:
         logits = b.tail_output if self.holds_tail else b.output
         loss = token_loss(logits, b.targets, b.owner, self.parts.clients, smoothing)
         # Divided by the whole step's token count: M micro-batches sum to the step's mean loss.
-        b.loss = loss.total / max(int(self.step_counts.sum()), 1)
-        self.stats.add_loss(loss.client_sum.tolist(), loss.client_tokens.tolist())
+        b.loss = loss.total / max(self._step_tokens(), 1)
+        self.stats.add_loss(loss.client_sum, loss.client_tokens.tolist())
 
     def _backward(self, ins: I.Backward) -> None:
         b = self.buffers[ins.buffer]
@@ -362,12 +394,13 @@ class Executor:
         total = (local.double() * clip.weight).reshape(1).to(self.p2p.staging)
         if len(ins.ranks) > 1:
             dist.all_reduce(total, group=clip.groups[ins.ranks])
-        norm = float(total.sqrt())
-        self.stats.grad_norm = norm
-        coef = min(1.0, clip.max_norm / (norm + _CLIP_EPS))
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
+        norm = total.sqrt()
+        self.stats.set_grad_norm(norm)
+        # On the device, as torch's clip_grad_norm_ does: deciding on the host whether to clip
+        # would wait for the norm. Multiplying by exactly 1.0 when under the threshold changes nothing.
+        coef = (clip.max_norm / (norm + _CLIP_EPS)).clamp(max=1.0).reshape(()).to(torch.float32)
+        for g in grads:
+            g.mul_(coef)
 
     def _optimizer_step(self, _: I.OptimizerStep) -> None:
         self._gradients_complete()
@@ -411,7 +444,7 @@ class Executor:
                        source_clients=clients)
         if self.u_shaped:
             # where each position sits in its client's micro-batch: the last stage hands it back there
-            b.origin = plan.pack([torch.arange(m.numel(), device=m.device).view_as(m) for m in masks], -1)
+            b.origin = plan.pack([torch.arange(m.numel()).view_as(m) for m in masks], -1)
         else:
             self.step_counts = torch.stack([acts.counts for acts in received]).sum(0)
             b.targets = plan.pack([acts.targets for acts in received], IGNORE)
@@ -428,15 +461,15 @@ class Executor:
         U-shaped, a row of client c already carries w_c times the gradient of L_c: scale 1."""
         hetero = self.parts.hetero
         weights = self._rank_weights()
-        w = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        w = torch.tensor(weights, dtype=torch.float32)  # on the host, with the counts
         if self.u_shaped:
             per_client = torch.ones_like(w)
         else:
-            counts = self.step_counts.to(torch.float32).to(self.device)
+            counts = self.step_counts.to(torch.float32)
             per_client = counts.sum() * w / counts.clamp(min=1)
         layer_weight = {int(i): sum(weights[c] for c in clients if hetero.entry_layers[c] <= int(i))
                         for i in self.stage.layers}
-        return SharedBlockGrad(per_client[rows_client.to(self.device)], layer_weight)
+        return SharedBlockGrad(self._on_device(per_client[rows_client]), layer_weight)
 
     def _rank_weights(self) -> list[float]:
         """Each client rank's FedAvg weight; with logical clients, that of the client it trains in
@@ -472,11 +505,11 @@ class Executor:
         flat positions: [n_c, H] floats, nothing else (it knows its own mask)."""
         b = self.buffers[ins.buffer]
         flat = b.output.detach().flatten(0, 1)
-        owner, origin = b.owner.flatten(), b.origin.flatten()
+        owner, origin = b.owner.flatten(), b.origin.flatten()  # on the host
         for dst in ins.dsts:
             c = self.topology.role_of(dst).index
             mine = (owner == c).nonzero().squeeze(1)
-            positions = mine[torch.argsort(origin[mine])]
+            positions = self._on_device(mine[torch.argsort(origin[mine])])
             b.tail_positions[c] = positions
             self.pending.append((self.p2p.isend([flat.index_select(0, positions)], dst), dst))
 
@@ -501,7 +534,8 @@ class Executor:
         return pool.weight(place.client_of(c), place.round)
 
     def _real_positions(self, b: MicroBatch) -> torch.Tensor:
-        return (b.mask.flatten() > 0).nonzero().squeeze(1)
+        """The flat positions of real tokens, found on the host, for indexing on the device."""
+        return self._on_device((b.mask.flatten() > 0).nonzero().squeeze(1))
 
     def _recv_tail_activations(self, ins: I.RecvTailActivations) -> None:
         b = self.buffers[ins.buffer]
@@ -515,8 +549,7 @@ class Executor:
         b = self.buffers[ins.buffer]
         if b.empty:
             return
-        score_index = (b.targets.flatten() != IGNORE).nonzero().squeeze(1)
-        b.tail_output = self.engine(b.tail_input, b.mask, score_index, part="tail")
+        b.tail_output = self.engine(b.tail_input, self._device_mask(b), self._score_index(b), part="tail")
 
     def _tail_backward(self, ins: I.TailBackward) -> None:
         b = self.buffers[ins.buffer]
@@ -533,21 +566,17 @@ class Executor:
 
     # ------------------------------------------------------------------ aggregation
     def _reduce_loss_stats(self, _: I.ReduceLossStats) -> None:
-        tokens = self.stats.client_tokens or [0] * self.parts.clients
-        sums = self.stats.client_sum or [0.0] * self.parts.clients
-        sums, tokens = self._sum_over_clients(sums, tokens)
-        self.stats.client_sum, self.stats.client_tokens = sums, tokens
-        self.stats.loss_sum, self.stats.tokens = float(sum(sums)), int(sum(tokens))
-        self.stats.loss = self.stats.loss_sum / max(self.stats.tokens, 1)
+        """Every client's loss sums and token counts, summed over the clients (read at the step's end)."""
+        sums, tokens = self.stats.own_loss(self.parts.clients, self.device)
+        counts = self._on_device(torch.tensor(tokens, dtype=torch.float64))
+        self.stats.set_reduced(self._sum_over_clients(torch.cat([sums, counts])))
 
-    def _sum_over_clients(self, loss_sums: list[float], tokens: list[int]) -> tuple[list[float], list[int]]:
-        """Every client's (loss sum, token count), summed over the clients with one all-reduce."""
-        c = len(tokens)
-        buf = torch.tensor([*loss_sums, *tokens], dtype=torch.float64, device=self.p2p.staging)
+    def _sum_over_clients(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` (float64) summed over the clients with one all-reduce."""
+        buf = values.to(self.p2p.staging)
         if self.topology.clients > 1:
             dist.all_reduce(buf, group=self.parts.groups.clients)
-        values = buf.tolist()
-        return values[:c], [int(t) for t in values[c:]]
+        return buf
 
     def _average_adapters(self, _: I.AverageAdapters) -> None:
         if self.parts.pool is not None:

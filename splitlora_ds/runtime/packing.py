@@ -179,10 +179,10 @@ class PackPlan:
             within = torch.arange(int(counts.sum())) - before.repeat_interleave(counts)
             dst = starts.repeat_interleave(counts) + within
             segments[dst] = ids.repeat_interleave(counts)
-            src_all.append(src.tokens.to(device))
-            dst_all.append(dst.to(device))
-        return cls(rows, length, segments.view(rows, length).to(device),
-                   torch.tensor(row_groups, dtype=torch.long, device=device),
+            src_all.append(src.tokens.to(device, non_blocking=True))
+            dst_all.append(dst.to(device, non_blocking=True))
+        return cls(rows, length, segments.view(rows, length).to(device, non_blocking=True),
+                   torch.tensor(row_groups, dtype=torch.long).to(device, non_blocking=True),
                    tuple((int(m.shape[0]), int(m.shape[1])) for m in masks), tuple(src_all), tuple(dst_all))
 
     @classmethod
@@ -239,9 +239,10 @@ class PackPlan:
                 raise ValueError(f"parts[{i}]: trailing shape {tuple(p.shape[2:])} / dtype {p.dtype} differ "
                                  f"from parts[0]'s {rest} / {parts[0].dtype}")
         device = parts[0].device
-        values = torch.cat([p.reshape(-1, *rest).index_select(0, src.to(p.device)).to(device)
+        # The plan lives where its masks were (the host, normally): its indices follow the parts.
+        values = torch.cat([p.reshape(-1, *rest).index_select(0, src.to(p.device, non_blocking=True)).to(device)
                             for p, src in zip(parts, self._src)])
-        dst = torch.cat(self._dst).to(device)
+        dst = torch.cat(self._dst).to(device, non_blocking=True)
         out = torch.full((self.positions, *rest), fill, dtype=parts[0].dtype, device=device)
         return out.index_copy(0, dst, values).view(self.rows, self.length, *rest)  # out of place: autograd
 
@@ -255,9 +256,9 @@ class PackPlan:
                              f"({self.rows}, {self.length})")
         b, t = self._shapes[source]
         rest = tuple(packed.shape[2:])
-        values = packed.reshape(-1, *rest).index_select(0, self._dst[source].to(packed.device))
+        values = packed.reshape(-1, *rest).index_select(0, self._dst[source].to(packed.device, non_blocking=True))
         out = torch.full((b * t, *rest), fill, dtype=packed.dtype, device=packed.device)
-        return out.index_copy(0, self._src[source].to(packed.device), values).view(b, t, *rest)
+        return out.index_copy(0, self._src[source].to(packed.device, non_blocking=True), values).view(b, t, *rest)
 
 
 def next_token_targets(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
