@@ -158,6 +158,7 @@ class Failure:
 
     kind: str
     line: str
+    gone: tuple[int, ...] = ()  # ranks that will never read the board (the lost ones)
 
 
 class FailureBoard:
@@ -169,7 +170,7 @@ class FailureBoard:
     lost rank's neighbour sees it before the others see the neighbour leave). The store lives in
     rank 0's process: when rank 0 itself is gone there is no board (`first` returns None), and
     while a failure is on the board rank 0 leaves last, waiting (at most `linger_s`) until every
-    rank has read it.
+    rank but the lost ones has read it.
     """
 
     _KEY, _DONE = "failure/first", "failure/done"
@@ -182,14 +183,15 @@ class FailureBoard:
     def post(self, failure: Failure) -> None:
         """Record `failure` unless another rank's is there already."""
         if self._reachable():
-            self.store.compare_set(self._KEY, "", json.dumps({"kind": failure.kind, "line": failure.line}))
+            record = {"kind": failure.kind, "line": failure.line, "gone": list(failure.gone)}
+            self.store.compare_set(self._KEY, "", json.dumps(record))
 
     def first(self) -> Optional[Failure]:
         """What failed first, None when nobody posted (or the store is gone with rank 0)."""
         if not self._reachable() or not self.store.check([self._KEY]):
             return None
         record = json.loads(self.store.get(self._KEY).decode())
-        return Failure(record["kind"], record["line"])
+        return Failure(record["kind"], record["line"], tuple(record["gone"]))
 
     def leave(self) -> None:
         """This rank has said what it had to say. Rank 0, which holds the store, first closes its
@@ -197,12 +199,16 @@ class FailureBoard:
         if not self._reachable():
             return
         done = self.store.add(self._DONE, 1)
-        if self.rank != 0 or not self.store.check([self._KEY]):
+        if self.rank != 0:
+            return
+        first = self.first()
+        if first is None:
             return
         if dist.is_initialized():
             dist.destroy_process_group()
+        readers = self.world - len(first.gone)
         deadline = time.monotonic() + self.linger_s
-        while done < self.world and time.monotonic() < deadline:
+        while done < readers and time.monotonic() < deadline:
             time.sleep(0.05)
             done = self.store.add(self._DONE, 0)
 

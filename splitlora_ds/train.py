@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except PeerLost as e:
         first = board.first()
         if first is None:  # this rank is the first to see the loss: the others will name it
-            board.post(Failure("lost", f"{e.what_was_lost(layout)} (seen by {who(layout, prep.rank)})"))
+            board.post(Failure("lost", f"{e.what_was_lost(layout)} (seen by {who(layout, prep.rank)})", e.peers))
         _say(f"splitlora_ds: error: {e.describe(layout, prep.rank, first)}")
         board.leave()
         # The process group cannot shut down cleanly with a peer gone (its teardown may wait on
