@@ -11,10 +11,21 @@ send or receive an empty buffer (NCCL's behaviour for those is not something to 
 
 Floating tensors (activations, gradients, adapters) arrive on the compute device; integer tensors
 (segment ids, targets, owners, counts) arrive on the host, where the receiver's bookkeeping reads
-them. The host waits for the device only where it must know what arrived: under NCCL (tensors
-travel from device memory) it reads the headers of one receive, then its integer tensors, one
-transfer each; under gloo (through host memory) neither read waits for the device. Copies from
-the host to the device never block the host.
+them. Two ways to get there:
+
+- One channel (the default group): everything travels from `staging`. Under gloo that is host
+  memory and nothing waits for the device. Under NCCL it is device memory, and the receiver's host
+  must wait for the device twice per receive: to read the headers (it allocates from them) and to
+  read the integers.
+- With a `meta` group (a gloo group over all ranks, made beside an NCCL default group): headers
+  and integer tensors travel over it from and to host memory, floating tensors over the default
+  group from device memory. No receive waits for the device. Per pair of ranks each channel
+  delivers in send order, and both sides walk a bundle's tensors in the same order, so each
+  channel's messages match one to one; the receiver posts a bundle's tensor receives only once its
+  header has arrived, as with one channel.
+
+The bytes counted are the same either way: the channel changes where bytes travel, not which.
+Copies from the host to the device never block the host.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from typing import Optional, Sequence
 
 import deepspeed.comm as ds_comm
 import torch
+import torch.distributed as dist
 
 from .failures import wait_each, wait_on
 
@@ -72,14 +84,17 @@ class P2P:
 
     `device` is where received floating tensors are used (integer ones are used on the host);
     `staging` is where tensors travel from and to: the same device under nccl, host memory under
-    gloo (which cannot send CUDA tensors).
+    gloo (which cannot send CUDA tensors). `meta`: a gloo group over all ranks for headers and
+    integer tensors, from and to host memory (None: they travel with the floats, from `staging`).
+    Peers are global ranks on either channel (the meta group spans every rank).
     """
 
     def __init__(self, device: torch.device, wire_dtype: Optional[torch.dtype] = None,
-                 staging: Optional[torch.device] = None):
+                 staging: Optional[torch.device] = None, meta: Optional[dist.ProcessGroup] = None):
         self.device = device
         self.staging = staging or device
         self.wire_dtype = wire_dtype
+        self.meta = meta
         self.bytes_sent = 0
         self.bytes_received = 0
         self.adapter_bytes_sent = 0  # of bytes_sent: adapters (FedAvg uploads, sequential hand-overs)
@@ -93,20 +108,48 @@ class P2P:
         self.bytes_sent, self.bytes_received = int(state["bytes_sent"]), int(state["bytes_received"])
         self.adapter_bytes_sent = int(state["adapter_bytes_sent"])
 
+    # ------------------------------------------------------------------ channels
+    def _on_meta(self, dtype: torch.dtype) -> bool:
+        """Whether a tensor of `dtype` travels on the meta channel: headers and integers do, as
+        the receiver's host reads them."""
+        return self.meta is not None and not dtype.is_floating_point
+
+    def _place(self, dtype: torch.dtype) -> torch.device:
+        """Where a tensor of `dtype` travels from and to."""
+        return HOST if self._on_meta(dtype) else self.staging
+
+    def _group(self, t: torch.Tensor) -> Optional[dist.ProcessGroup]:
+        """The group `t` travels over (None: the default group)."""
+        return self.meta if self._on_meta(t.dtype) else None
+
+    def _stage(self, t: torch.Tensor) -> torch.Tensor:
+        where = self._place(t.dtype)
+        # To the host the copy must be complete before the backend reads it; onto a device it is
+        # queued, in order with the send.
+        return t.to(where, non_blocking=where != HOST).contiguous()
+
+    def _isend(self, t: torch.Tensor, dst: int):
+        return ds_comm.isend(t, dst, group=self._group(t))
+
+    def _irecv(self, t: torch.Tensor, src: int):
+        return ds_comm.irecv(t, src, group=self._group(t))
+
+    def _empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self._place(dtype))
+
+    # ------------------------------------------------------------------ bundles
     def _to_wire(self, t: torch.Tensor, exact: bool) -> torch.Tensor:
         t = t.detach()
         if self.wire_dtype is not None and t.is_floating_point() and not exact:
             t = t.to(self.wire_dtype)
-        # To the host (gloo) the copy must be complete before the backend reads it; onto a device
-        # it is queued, in order with the send.
-        return t.to(self.staging, non_blocking=self.staging != HOST).contiguous()
+        return self._stage(t)
 
     def isend(self, tensors: Sequence[torch.Tensor], dst: int, exact: bool = False) -> list:
         """Start sending a bundle; returns work handles to `wait()` on. `exact`: in the tensors'
         own dtype, whatever the wire dtype (weights, not activations)."""
         wire = [self._to_wire(t, exact) for t in tensors]
-        header = encode_header(wire).to(self.staging, non_blocking=self.staging != HOST)
-        works = [ds_comm.isend(header, dst)] + [ds_comm.isend(t, dst) for t in wire if t.numel()]
+        header = self._stage(encode_header(wire))
+        works = [self._isend(t, dst) for t in [header, *wire] if t.numel()]
         self.bytes_sent += _nbytes(header) + sum(_nbytes(t) for t in wire)
         # Keep the buffers alive until the sends complete.
         works.append(_Keep([header, *wire]))
@@ -118,13 +161,14 @@ class P2P:
     def recv_many(self, srcs: Sequence[int], float_dtype: torch.dtype) -> list[list[torch.Tensor]]:
         """Receive one bundle from each of `srcs`, all at once (no source waits on another).
         A source that fails raises failures.PeerLost naming it."""
-        headers = [torch.empty(HEADER_LEN, dtype=torch.int64, device=self.staging) for _ in srcs]
-        wait_each([[ds_comm.irecv(h, src)] for h, src in zip(headers, srcs)], srcs)
-        # The shapes are needed on the host to allocate the buffers: one read for all the headers.
+        headers = [self._empty((HEADER_LEN,), torch.int64) for _ in srcs]
+        wait_each([[self._irecv(h, src)] for h, src in zip(headers, srcs)], srcs)
+        # The shapes are needed on the host to allocate the buffers: one read for all the headers
+        # (none when they came over the meta channel, into host memory).
         bundles, works = [], []
         for h, src in zip(_to_host(headers), srcs):
-            bufs = [torch.empty(shape, dtype=dt, device=self.staging) for dt, shape in decode_header(h)]
-            works.append([ds_comm.irecv(b, src) for b in bufs if b.numel()])
+            bufs = [self._empty(shape, dt) for dt, shape in decode_header(h)]
+            works.append([self._irecv(b, src) for b in bufs if b.numel()])
             bundles.append(bufs)
             self.bytes_received += _nbytes(h) + sum(_nbytes(b) for b in bufs)
         wait_each(works, srcs)

@@ -121,13 +121,18 @@ class Groups:
     aggregation: Optional[dist.ProcessGroup] = None
     # Global gradient clipping: a group per set of ranks that train together (None off-group).
     clip: dict[tuple[int, ...], Optional[dist.ProcessGroup]] = field(default_factory=dict)
+    # Point-to-point metadata (headers, integer tensors) from host memory: a gloo group over every
+    # rank beside an NCCL default group (comm.P2P); None where the default group is gloo already.
+    meta: Optional[dist.ProcessGroup] = None
 
 
 def make_groups(topology: Topology, rank: int, timeout: timedelta, server_aggregates: bool = False,
-                clip_sets: Sequence[tuple[int, ...]] = ()) -> Groups:
+                clip_sets: Sequence[tuple[int, ...]] = (), host_channel: bool = False) -> Groups:
     """Create process groups; every rank must call this, in the same order, at the same time.
 
     The timeout is passed explicitly: new groups do not inherit the default group's timeout.
+    `host_channel`: also make the gloo group over all ranks that carries point-to-point metadata
+    through host memory (wanted when the default group's tensors live on the device: NCCL).
     """
     clients = dist.new_group(topology.client_ranks, timeout=timeout)
     own = None
@@ -146,4 +151,5 @@ def make_groups(topology: Topology, rank: int, timeout: timedelta, server_aggreg
     for ranks in clip_sets:
         group = dist.new_group(list(ranks), timeout=timeout)
         clip[tuple(ranks)] = group if rank in ranks else None
-    return Groups(clients if rank in topology.client_ranks else None, own, aggregation, clip)
+    meta = dist.new_group(backend="gloo", timeout=timeout) if host_channel else None
+    return Groups(clients if rank in topology.client_ranks else None, own, aggregation, clip, meta)

@@ -67,8 +67,10 @@ def train(prep: Prepared, observers: Sequence[Observer] = (), rendezvous: Option
     layout = mode.layout
     setup = prep.setup
     schedule = prep.schedule
+    # Under NCCL, bundles' headers and integers travel over a gloo group through host memory: the
+    # receiver reads them without waiting for the device (comm.P2P).
     groups = make_groups(layout, prep.rank, timeout, server_aggregates=setup is not None and setup.shared_blocks,
-                         clip_sets=schedule.clip_rank_sets())
+                         clip_sets=schedule.clip_rank_sets(), host_channel=dist.get_backend() != "gloo")
     torch.manual_seed(cfg.train.seed + _RANK_SEED_STRIDE * prep.rank)  # dropout differs per rank
 
     rss_before_model = current_rss_bytes()
@@ -103,7 +105,7 @@ def train(prep: Prepared, observers: Sequence[Observer] = (), rendezvous: Option
         clip = GradClip(float(prep.ds_config["gradient_clipping"]), clip_weight, groups.clip)
 
     wire = _DTYPES[cfg.split.wire_dtype] if cfg.split.wire_dtype else None
-    p2p = P2P(device, wire, staging)
+    p2p = P2P(device, wire, staging, groups.meta)
     tracker = ImportanceTracker(cfg.importance.beta) if cfg.importance.enabled else None
     privacy = None
     if role.is_client and (cfg.privacy.activation_clip is not None or cfg.privacy.update_clip is not None):

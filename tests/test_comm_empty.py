@@ -12,13 +12,13 @@ def _exchange(rank):
     sent_sizes = []
     real_isend, real_irecv = comm.ds_comm.isend, comm.ds_comm.irecv
 
-    def isend(t, dst):
+    def isend(t, dst, **kwargs):
         sent_sizes.append(t.numel())
-        return real_isend(t, dst)
+        return real_isend(t, dst, **kwargs)
 
-    def irecv(t, src):
+    def irecv(t, src, **kwargs):
         sent_sizes.append(t.numel())
-        return real_irecv(t, src)
+        return real_irecv(t, src, **kwargs)
 
     comm.ds_comm.isend, comm.ds_comm.irecv = isend, irecv
     p2p = P2P(torch.device("cpu"))

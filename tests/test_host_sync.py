@@ -13,11 +13,16 @@ What a step may do, per rank:
   figures (StepStats.finish), nothing else of this project; on a step that averages adapters the
   aggregation's own transfers too (the same for any M: once per step). DeepSpeed's engine clipping
   (centralized mode) makes its own, also once per step.
-- wire (comm.P2P.recv_many): per receive, one read of the headers (the receiver must know the
-  shapes to allocate) and, when the bundles hold integers (segment ids, targets, owners: what the
-  receiver's host needs), one read of those. This one grows with M: it is the price of shapes
-  travelling with the tensors in device memory; a host-side channel for headers and integer
-  tensors would remove it (under gloo they already travel through host memory, no wait).
+- wire (comm.P2P.recv_many), as an NCCL job runs it: headers and integer tensors travel over a
+  gloo group of their own from host memory (topology.make_groups with host_channel; here forced
+  with count_syncs.py --meta-channel, the backend being gloo), floating tensors from the device.
+  The receiver reads shapes and integers without waiting: no synchronisation at all, so a step's
+  total is the same constant for M = 1 and M = 4.
+- wire over one channel (everything from the device; no metadata group): per receive, one read of
+  the headers (the receiver must know the shapes to allocate) and, when the bundles hold integers
+  (segment ids, targets, owners: what the receiver's host needs), one read of those. This grows
+  with M; it is the path the metadata group replaces. A gloo job has no metadata group and needs
+  none: its tensors travel through host memory, and neither read waits for the device.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ DS_CONFIG = str(ROOT / "ds_configs" / "cpu-fp32.json")  # AdamW, LR schedule, gr
 SCRIPT = str(ROOT / "tests" / "scripts" / "count_syncs.py")
 RECEIVES = {"RecvActivations", "RecvGrads", "RecvTailActivations", "RecvTailGrads", "RecvAdapters"}
 STEPS = 2  # with aggregation every 2 steps: one plain step and one that averages
+META = "--meta-channel"  # count_syncs.py: headers and integers over a host-side group, as under NCCL
 
 CASES = {
     # name: (clients, server stages, client layers, client tail layers)
@@ -95,6 +101,10 @@ def _wire(step: dict) -> int:
     return sum(s["site"] == "wire" for s in step["syncs"])
 
 
+def _all(step: dict) -> Counter:
+    return Counter(f"{s['site']} {s['kind']} {s['what']} @ {s['where']}" for s in step["syncs"])
+
+
 @pytest.mark.launcher
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_step_waits_for_the_device_a_fixed_few_times_whatever_the_micro_batches(counts, case):
@@ -122,6 +132,23 @@ def test_the_wire_reads_headers_and_integers_once_per_receive(counts, case):
                 with_integers = [i for i in receives if i == "RecvActivations"]
                 assert _wire(step) == len(receives) + len(with_integers), (role, m, step["syncs"])
                 assert all(s["kind"] == "download" for s in step["syncs"] if s["site"] == "wire")
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("case", [c for c in CASES if c != "centralized"])
+def test_with_a_metadata_channel_the_wire_never_waits_and_a_step_waits_the_same_whatever_the_micro_batches(
+        counts, case):
+    one, four, single = counts(case, 1, META), counts(case, 4, META), counts(case, 4)
+    assert sorted(one) == sorted(four) == sorted(single)
+    receives = 0
+    for role in four:
+        for step in range(STEPS):
+            a, b = one[role][step], four[role][step]
+            receives += sum(i in RECEIVES for i in b["instructions"])
+            assert _wire(a) == _wire(b) == 0, (role, step, b["syncs"])
+            assert _all(a) == _all(b), (role, step)  # the whole step: one constant for any M
+            assert _compute(b) == _compute(single[role][step]), (role, step)  # the channel is the wire's affair
+    assert receives > 0
 
 
 @pytest.mark.launcher

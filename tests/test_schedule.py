@@ -31,7 +31,13 @@ def _simulate(schedule, step, lists=None):
     """Run every rank's list for `step`; fail on a deadlock, a message received as another kind or
     into another buffer than it was sent as, a rank talking to itself, or a message left
     unreceived. Messages between two ranks arrive in the order they were sent, whatever their
-    kind: point-to-point messages are matched in order (NCCL has no tags)."""
+    kind: point-to-point messages are matched in order (NCCL has no tags).
+
+    One queue per pair stands for comm.P2P's two channels too (under NCCL, headers and integers
+    over a gloo group, floats over the default one): a bundle's sends are all posted at once and
+    never block, each channel keeps its own send order, and the receiver takes a bundle's header,
+    then its tensors, in the sender's order. Each channel thus carries this queue's sequence,
+    restricted to its part of every bundle, and a receive can proceed exactly when it can here."""
     topo = schedule.topology
     lists = lists or {r: schedule.train(topo.role_of(r), step) for r in range(topo.world_size)}
     pos = {r: 0 for r in lists}

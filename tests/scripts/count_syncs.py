@@ -5,6 +5,9 @@ rank ran and every synchronisation (kind, site, op, where).
 
 `--staging device` (default): tensors travel from and to the device, as under NCCL;
 `--staging host`: through host memory, as under gloo with a GPU.
+`--meta-channel`: the job makes its host-side metadata group as under NCCL (topology.make_groups
+with host_channel, a gloo group here too): headers and integer tensors travel over it from host
+memory, floating tensors from the device.
 `--read-per-micro-batch`: every Forward also reads a value of its output on the host (the kind of
 read the executor must not make), to show that the count sees it.
 
@@ -24,6 +27,7 @@ from splitlora_ds import comm, timing, trainer  # noqa: E402
 from splitlora_ds.config import load_config  # noqa: E402
 from splitlora_ds.prepare import prepare  # noqa: E402
 from splitlora_ds.runtime import executor as executor_module  # noqa: E402
+from splitlora_ds.topology import make_groups  # noqa: E402
 from splitlora_ds.train import parse_args  # noqa: E402
 
 FAKE = torch.device("cpu", 0)
@@ -37,6 +41,9 @@ if "--staging" in sys.argv:
 read_per_micro_batch = "--read-per-micro-batch" in sys.argv
 if read_per_micro_batch:
     sys.argv.remove("--read-per-micro-batch")
+meta_channel = "--meta-channel" in sys.argv
+if meta_channel:
+    sys.argv.remove("--meta-channel")
 args = parse_args(sys.argv[1:])
 prep = prepare(load_config(args.recipe, args.overrides))
 counter = SyncCounter(FAKE)
@@ -45,10 +52,11 @@ steps: list[dict] = []
 
 
 class FakeDeviceP2P(comm.P2P):
-    """The rank's device is the fake one; staging is the device (NCCL) or the host (gloo)."""
+    """The rank's device is the fake one; staging is the device (NCCL) or the host (gloo); `meta`
+    is the trainer's metadata group (made only with --meta-channel)."""
 
-    def __init__(self, device, wire_dtype=None, staging=None):
-        super().__init__(FAKE, wire_dtype, FAKE if staging_mode == "device" else torch.device("cpu"))
+    def __init__(self, device, wire_dtype=None, staging=None, meta=None):
+        super().__init__(FAKE, wire_dtype, FAKE if staging_mode == "device" else torch.device("cpu"), meta)
 
     def isend(self, *a, **k):
         with counter.site("wire"):
@@ -87,6 +95,11 @@ def counted_train_step(self, step):
     return stats
 
 
+def groups_with_host_channel(*args, **kwargs):
+    """make_groups as under NCCL: with the metadata group, whatever the backend."""
+    return make_groups(*args, **{**kwargs, "host_channel": True})
+
+
 def reading_forward(self, ins):
     forward(self, ins)
     output = self.buffers[ins.buffer].output
@@ -98,6 +111,8 @@ forward = executor_module.Executor._forward
 if read_per_micro_batch:
     executor_module.Executor._forward = reading_forward
 trainer.P2P = FakeDeviceP2P
+if meta_channel:
+    trainer.make_groups = groups_with_host_channel
 executor_module.Executor.train_step = counted_train_step
 torch.cuda.synchronize = cuda.synchronize
 trainer.train(prep)
