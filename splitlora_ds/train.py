@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING, Optional
 
 # CPU ranks that share a machine's cores: a waiting rank's OpenMP threads must sleep at once
 # instead of spinning (libgomp's default), so that whichever rank computes gets the cores
@@ -20,7 +21,11 @@ from .config import load_config  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .failures import (EXIT_ERROR, EXIT_PEER_FAILED, EXIT_PEER_LOST, Failure, FailureBoard, PeerLost,  # noqa: E402
                        describe_error, format_traceback, is_peer_failure, linger_seconds, who)
-from .placement import place_this_rank  # noqa: E402
+from .placement import Placement, place_this_rank  # noqa: E402
+
+if TYPE_CHECKING:  # DeepSpeed and transformers load only for real runs
+    from .prepare import Prepared
+    from .rendezvous import Rendezvous
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Before DeepSpeed loads: it picks its accelerator (the device engines move to) at import.
         placement = None if args.dry_run else place_this_rank(cfg.dist.backend)
-        from .prepare import prepare
-        from .rendezvous import join
-        from .trainer import train  # DeepSpeed and transformers load only for real runs
+        from .prepare import prepare  # DeepSpeed and transformers load only for real runs
 
         prep = prepare(cfg, dry_run=args.dry_run, resume=args.resume)
         if args.dry_run:
@@ -63,26 +66,42 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _say(f"splitlora_ds: error: {e}")
         return 2
+    rendezvous = _join(placement, cfg.dist.timeout_s)
+    if rendezvous is None:
+        return EXIT_PEER_LOST
+    _train_or_report(prep, rendezvous)
+    return 0
+
+
+def _join(placement: Placement, timeout_s: float) -> Optional[Rendezvous]:
+    """Meet the other ranks; None (after one line saying why) when they cannot be met."""
+    from .rendezvous import join
+
     try:
-        rendezvous = join(placement, cfg.dist.timeout_s)
+        return join(placement, timeout_s)
     except RuntimeError as e:  # the store or the process group could not be formed
         if not is_peer_failure(e):
             raise
         _say(f"splitlora_ds: error: rank {os.environ.get('RANK', '0')} could not meet the other ranks at "
              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within dist.timeout_s "
-             f"({cfg.dist.timeout_s:g} s): is every rank started, with the same MASTER_ADDR and MASTER_PORT? "
+             f"({timeout_s:g} s): is every rank started, with the same MASTER_ADDR and MASTER_PORT? "
              f"({type(e).__name__}: {str(e).splitlines()[0]})")
-        return EXIT_PEER_LOST
-    board = FailureBoard(rendezvous.store, rendezvous.rank, rendezvous.world, linger_seconds(cfg.dist.timeout_s),
-                         rendezvous.store_address)
+        return None
+
+
+def _train_or_report(prep: Prepared, rendezvous: Rendezvous) -> None:
+    """Train; on any failure print this rank's one line (failures.py says which) and leave at
+    once: the process group cannot shut down cleanly with a peer gone (its teardown may wait on it)."""
+    from .trainer import train
     layout = prep.mode.layout
+    board = FailureBoard(rendezvous.store, rendezvous.rank, rendezvous.world,
+                         linger_seconds(rendezvous.timeout_s), rendezvous.store_address)
     try:
         train(prep, rendezvous=rendezvous)
     except ConfigError as e:
         # Input errors are raised before the first collective (prepare.py), except the host
         # agreement's (hosts.py), where every rank decides alike from the same gathered data and
-        # so prints the same line. The process group may still wait on peers at teardown: leave
-        # at once.
+        # so prints the same line.
         _say(f"splitlora_ds: error: {e}")
         os._exit(2)
     except PeerLost as e:
@@ -91,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
             board.post(Failure("lost", f"{e.what_was_lost(layout)} (seen by {who(layout, prep.rank)})", e.peers))
         _say(f"splitlora_ds: error: {e.describe(layout, prep.rank, first)}")
         board.leave()
-        # The process group cannot shut down cleanly with a peer gone (its teardown may wait on
-        # it): leave at once, with the one line above as the only report.
         os._exit(EXIT_PEER_FAILED if first is not None and first.kind == "error" else EXIT_PEER_LOST)
     except Exception as e:  # noqa: BLE001 - this rank's own error: its traceback, then one line
         line = describe_error(e, who(layout, prep.rank), str(rendezvous.device))
@@ -100,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         _say(format_traceback(e).rstrip() + f"\nsplitlora_ds: error: {line}")
         board.leave()
         os._exit(EXIT_ERROR)
-    return 0
 
 
 def _say(text: str) -> None:
