@@ -95,6 +95,6 @@ def test_centralized_refuses_several_ranks(tmp_path, capsys, world):
 @pytest.mark.launcher
 def test_wrong_world_size_under_the_launcher_fails_fast(tmp_path):
     recipe = write_recipe(tmp_path, federation={"clients": 2})
-    proc = launch(2, ["--recipe", str(recipe)], timeout=120, real=True)
+    proc = launch(2, ["--recipe", str(recipe)], real=True)
     assert proc.returncode != 0
     assert "splitlora_ds: error: world size 2 != federation.clients (2)" in proc.stdout + proc.stderr

@@ -4,10 +4,12 @@ achieved TFLOP/s and MFU arithmetic, the peak table and bad input."""
 import json
 import statistics
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from splitlora_ds.bench import measure
 from splitlora_ds.bench.measure import time_steps
 from splitlora_ds.bench.mfu import main
 from splitlora_ds.bench.peaks import table_peak
@@ -73,16 +75,20 @@ def test_peak_override_gives_mfu(tmp_path, capsys):
     assert f"MFU {result['mfu']:.3f}" in capsys.readouterr().out
 
 
-def test_timing_excludes_warmup_and_measures_each_step():
-    calls = []
+def test_timing_excludes_warmup_and_measures_each_step(monkeypatch):
+    # A clock that only the steps move, each by its own duration: the measured seconds are then
+    # exact, whatever else the machine is doing (a real sleep stretches under load).
+    durations = [0.3, 0.02, 0.05, 0.07]  # the first (warm-up) call is slow
+    clock = {"now": 100.0, "calls": 0}
 
     def step() -> None:
-        time.sleep(0.3 if not calls else 0.02)  # the first (warm-up) call is slow
-        calls.append(1)
+        clock["now"] += durations[clock["calls"]]
+        clock["calls"] += 1
 
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
     seconds = time_steps(step, torch.device("cpu"), warmup=1, steps=3)
-    assert len(calls) == 4 and len(seconds) == 3
-    assert all(0.02 <= s < 0.2 for s in seconds)
+    assert clock["calls"] == 4
+    assert seconds == pytest.approx(durations[1:])
 
 
 def test_peak_table():

@@ -186,7 +186,7 @@ def test_dry_run_validates_the_ds_config(tmp_path, capsys, monkeypatch):
 def test_a_bad_ds_config_ends_the_run_with_one_line(tmp_path):
     ds = write_ds(tmp_path, edited(lambda cfg: cfg.update(gradient_clippin=1.0)))
     recipe = write_recipe(tmp_path, deepspeed_config=ds)
-    proc = run_single(["--recipe", str(recipe), "--set", "mode=centralized"], timeout=120)
+    proc = run_single(["--recipe", str(recipe), "--set", "mode=centralized"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("splitlora_ds: error: ")]
     assert errors == [f"splitlora_ds: error: deepspeed_config: {ds}: unknown key 'gradient_clippin'; "

@@ -199,7 +199,7 @@ def test_config_rejects_mixed_budgets_and_lists():
 
 def test_dry_run_prints_the_plan():
     out = subprocess.run([sys.executable, "-m", "splitlora_ds.train", "--recipe", "recipes/hsplit-cpu.yaml", "--dry-run"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "client plan from federation.budgets:" in out.stdout
     assert "aggregation stacked" in out.stdout

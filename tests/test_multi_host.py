@@ -16,13 +16,16 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
 from _launch import ROOT, check, deepspeed_bin, free_port, launch, rank_env, tiny_model
+from splitlora_ds import checkpoint as ckpt
 from splitlora_ds import hosts
 from splitlora_ds.errors import ConfigError
 from splitlora_ds.export import main as export_main
@@ -31,6 +34,8 @@ from splitlora_ds.metrics import read_scalars
 HOST_SH = str(ROOT / "launch" / "host.sh")
 TIMEOUT_S = 60  # generous: under CI load the two hosts start and load checkpoints at different speeds
 STEPS = 16
+HANG_GUARD_S = 600  # a wait on another process's progress gives up only after this (a hang, not slowness)
+ROLES_A, ROLES_B = ("client0", "client1"), ("client2", "server0")  # ranks 0, 1 on host A; 2, 3 on host B
 
 
 # ----------------------------------------------------------------------------- unit tests
@@ -108,29 +113,69 @@ def host_env() -> dict:
     return env
 
 
-def start_host(folder: Path, node: int, port: int, *args: str, direct: bool = False) -> subprocess.Popen:
+@dataclass
+class Host:
+    """One host's launcher (its own process group) and the file its output goes to: a file, not a
+    pipe, so a host that prints much never blocks on a pipe nobody reads while the test waits on
+    the other host."""
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the launcher and every rank it started, then reap the launcher."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def start_host(folder: Path, node: int, port: int, *args: str, direct: bool = False) -> Host:
     """launch/host.sh in `folder`; `direct`: the deepspeed command it runs, without its slot check
-    (a few seconds quicker)."""
+    (a few seconds quicker). Its output goes to <folder>.log (overwritten at each start)."""
     env = host_env() | {"MASTER_PORT": str(port)}
     cmd = ([deepspeed_bin(), "--hostfile", "hostfile", "--no_ssh", "--node_rank", str(node), "--master_addr",
             "127.0.0.1", "--master_port", str(port), "--module", "splitlora_ds.train", "--recipe", "recipe.yaml"]
            if direct else [HOST_SH, "hostfile", str(node), "127.0.0.1", "recipe.yaml"])
-    return subprocess.Popen([*cmd, *args], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)  # its own process group: a host to kill as one
+    log = folder.with_name(folder.name + ".log")
+    with open(log, "w") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen([*cmd, *args], cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: a host to kill as one
+    return Host(proc, log)
 
 
-def run_hosts(a: Path, b: Path, *args: str, timeout: float = 240, direct: bool = False) -> list[tuple[int, str]]:
+def run_hosts(a: Path, b: Path, *args: str, direct: bool = False) -> list[tuple[int, str]]:
+    """Run both hosts to their end; (exit code, output) per host. Their ranks give up on a lost
+    peer after dist.timeout_s; HANG_GUARD_S only stops a hang (six processes importing DeepSpeed
+    take minutes on a loaded 2-core machine)."""
     port = free_port()
-    procs = [start_host(a, 0, port, *args, direct=direct), start_host(b, 1, port, *args, direct=direct)]
-    out = []
-    for p in procs:
-        try:
-            text, _ = p.communicate(timeout=timeout)
-        finally:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        out.append((p.returncode, text))
-    return out
+    started = [start_host(a, 0, port, *args, direct=direct), start_host(b, 1, port, *args, direct=direct)]
+    try:
+        for host in started:
+            host.proc.wait(timeout=HANG_GUARD_S)
+    finally:
+        for host in started:
+            host.kill()
+    return [(host.proc.returncode, host.output()) for host in started]
+
+
+def wait_until(condition: Callable[[], bool], running: list[Host], what: str) -> None:
+    """Poll `condition` until it holds. Fails at once, with the host's output, if a host exits
+    first. HANG_GUARD_S only stops a run that hangs: the wait is on the condition, not on time."""
+    guard = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        for host in running:
+            assert host.proc.poll() is None, f"{host.log.stem} exited ({host.proc.returncode}) before {what}:\n" \
+                                               f"{host.output()[-3000:]}"
+        assert time.monotonic() < guard, f"no {what} after {HANG_GUARD_S} s (a hang?)"
+        time.sleep(0.05)
+
+
+def has_step(folder: Path, roles: tuple[str, ...], step: int) -> bool:
+    """Whether every one of `roles` has marked its part of checkpoint `step` complete on this host."""
+    directory = ckpt.step_dir(folder / "ckpt", step)
+    return all((directory / f"{role}{ckpt.MARK}").is_file() for role in roles)
 
 
 def errors_of(text: str) -> list[str]:
@@ -159,22 +204,23 @@ def test_two_hosts_without_a_shared_disk_resume_and_export(tmp_path):
     host_recipe(a)
     host_recipe(b)
     port = free_port()
-    procs = [start_host(a, 0, port), start_host(b, 1, port)]
+    started = [start_host(a, 0, port), start_host(b, 1, port)]
     try:
-        # Kill host B (its launcher and ranks) as soon as a checkpoint is complete on both hosts.
-        deadline = time.time() + 180
-        while not ((a / "ckpt/step-000002/client1.done.json").is_file()
-                   and (b / "ckpt/step-000002/server0.done.json").is_file()):
-            assert time.time() < deadline and procs[1].poll() is None, procs[1].communicate()[0][-3000:]
-            time.sleep(0.02)
-        os.killpg(procs[1].pid, signal.SIGKILL)
-        text_a, _ = procs[0].communicate(timeout=TIMEOUT_S + 90)
-        assert procs[0].returncode != 0, text_a[-3000:]
+        # Kill host B (its launcher and ranks) once EVERY rank has marked its step-2 part: then a
+        # step is complete on both hosts, whatever the ranks do until the kill lands (a rank
+        # writes its marker before the checkpoint's barrier and prunes only older parts, so the
+        # ranks' newest parts never lie more than one checkpoint apart). Waiting on fewer markers
+        # raced with the slowest rank's write.
+        wait_until(lambda: has_step(a, ROLES_A, 2) and has_step(b, ROLES_B, 2), started,
+                   "every rank's step-2 checkpoint marker")
+        started[1].kill()
+        killed = started[1].proc.returncode == -signal.SIGKILL
+        assert killed, f"host B ended before the kill:\n{started[1].output()[-3000:]}"
+        started[0].proc.wait(timeout=HANG_GUARD_S)  # its ranks lose host B's and give up
+        assert started[0].proc.returncode != 0, started[0].output()[-3000:]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        for host in started:
+            host.kill()
     # Each host holds only its own ranks' parts.
     assert {f.name.split(".")[0] for f in (a / "ckpt").glob("step-*/*.done.json")} == {"client0", "client1"}
     assert {f.name.split(".")[0] for f in (b / "ckpt").glob("step-*/*.done.json")} <= {"client2", "server0"}
@@ -211,8 +257,7 @@ def test_two_hosts_without_a_shared_disk_resume_and_export(tmp_path):
         meta = json.loads(marker.read_text())
         meta["config"]["train"]["seed"] = 99
         marker.write_text(json.dumps(meta))
-    results = run_hosts(a, b, "--resume", "latest", "--set", f"train.max_steps={STEPS + 2}", timeout=TIMEOUT_S + 120,
-                        direct=True)
+    results = run_hosts(a, b, "--resume", "latest", "--set", f"train.max_steps={STEPS + 2}", direct=True)
     lines = set()
     for rc, text in results:
         assert rc != 0 and "Traceback" not in text, text[-3000:]
@@ -233,7 +278,7 @@ def test_hosts_with_different_recipes_stop_with_one_line(tmp_path):
         recipe["federation"]["clients"] = 1
         (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         (folder / "hostfile").write_text("hostA slots=1\nhostB slots=1\n")
-    for rc, text in run_hosts(a, b, timeout=TIMEOUT_S + 120, direct=True):
+    for rc, text in run_hosts(a, b, direct=True):
         assert rc != 0 and "Traceback" not in text, text[-3000:]
         lines = set(errors_of(text))
         assert len(lines) == 1, "\n".join(lines) or text[-3000:]

@@ -85,7 +85,7 @@ def test_resume_refuses_another_config(tmp_path):
     recipe = write_recipe(tmp_path, checkpoint={"dir": str(tmp_path / "ckpt")}, train={"max_steps": 2})
     check(launch(2, ["--recipe", str(recipe)]))
     proc = launch(2, ["--recipe", str(recipe), "--resume", "latest", "--set", "lora.rank=2",
-                      "--set", "train.max_steps=4"], timeout=120)
+                      "--set", "train.max_steps=4"])
     assert proc.returncode != 0
     assert "splitlora_ds: error: --resume: " in proc.stdout + proc.stderr
     assert "has lora.rank=4 but this run has lora.rank=2" in proc.stdout + proc.stderr
