@@ -23,9 +23,10 @@ Nothing in a step makes the host wait for the device before the step's end, so c
 communication on a GPU: the bookkeeping (segment ids, targets, owners, token counts, packing plans,
 score indices) lives on the host, where the data loader and the wire deliver it, and goes to the
 device with queued copies; the step's figures (loss sums, the gradient norm) stay on the device
-until StepStats.finish reads them; the clock records CUDA events (timing.py). What still waits is
-the wire's (comm.py: under NCCL a receive reads its headers and integer tensors) and DeepSpeed's
-own engine clipping (clip_scope role, centralized). tests/test_host_sync.py counts them.
+until StepStats.finish reads them; the clock records CUDA events (timing.py); under NCCL the
+wire's headers and integer tensors travel on a host-side gloo channel (comm.py), so a receive
+never reads device memory. What still waits is DeepSpeed's own engine clipping (clip_scope role,
+centralized). tests/test_host_sync.py counts every wait.
 """
 
 from __future__ import annotations
