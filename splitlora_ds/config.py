@@ -345,10 +345,15 @@ class PrivacyConfig:
     # update_clip x (the largest client weight), each client adding its share.
     update_clip: Optional[float] = None
     update_noise: float = 0.0
+    # On the gradient a U-shaped client's tail returns (split.client_tail_layers): each sample's
+    # gradient at its real positions is clipped to this L2 norm, then Gaussian noise of std
+    # tail_gradient_noise x tail_gradient_clip is added before it leaves the client.
+    tail_gradient_clip: Optional[float] = None
+    tail_gradient_noise: float = 0.0
     delta: float = 1e-5  # epsilon is reported for this delta
 
     def __post_init__(self) -> None:
-        for name in ("activation", "update"):
+        for name in ("activation", "update", "tail_gradient"):
             clip, noise = getattr(self, f"{name}_clip"), getattr(self, f"{name}_noise")
             _require(clip is None or clip > 0, f"privacy.{name}_clip", clip, "must be > 0, or null for off")
             _require(noise >= 0, f"privacy.{name}_noise", noise, "must be >= 0")
@@ -426,6 +431,12 @@ class RunConfig:
         dp = self.privacy
         _require(dp.activation_clip is None or self.mode in ("split", "sequential"), "privacy.activation_clip",
                  dp.activation_clip, f"applies to activations a client sends (split, sequential), not mode={self.mode}")
+        _require(dp.tail_gradient_clip is None or self.mode in ("split", "sequential"), "privacy.tail_gradient_clip",
+                 dp.tail_gradient_clip, "applies to the gradient a U-shaped client's tail returns to the server "
+                 f"(split, sequential), not mode={self.mode}")
+        _require(dp.tail_gradient_clip is None or self.split.client_tail_layers is not None,
+                 "privacy.tail_gradient_clip", dp.tail_gradient_clip, "applies to the gradient a U-shaped client's "
+                 "tail returns (set split.client_tail_layers)")
         _require(dp.update_clip is None or (self.mode in ("split", "fedlora") and self.federation.clients >= 2),
                  "privacy.update_clip", dp.update_clip, "applies to aggregated client updates (split or fedlora "
                  "with at least 2 clients)")
@@ -453,7 +464,9 @@ class RunConfig:
             (self.federation.secure_aggregation and self.client_ranks < 2, "federation.secure_aggregation on one "
                                                                            "client rank"),
             (self.privacy.update_clip is not None, "privacy.update_clip"),
+            # DP counts releases and sets its sampling rate per client rank, not per data owner
             (self.privacy.activation_clip is not None, "privacy.activation_clip"),
+            (self.privacy.tail_gradient_clip is not None, "privacy.tail_gradient_clip"),
             (self.importance.enabled, "importance"),
         ]
         for refused, what in unsupported:

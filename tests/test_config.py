@@ -86,6 +86,20 @@ def test_model_config_is_free_form_and_overridable(tmp_path):
     ("", ["privacy.activation_clip=1.0", "mode=fedlora"], "not mode=fedlora"),
     ("", ["privacy.update_clip=1.0", "lora.rank=[2, 4]"], "FedAvg of equal client ranks"),
     ("", ["privacy.delta=1.5"], "privacy.delta: 1.5 is invalid"),
+    # ... on the gradient a U-shaped client's tail returns
+    ("", ["privacy.tail_gradient_clip=0.1"], "privacy.tail_gradient_clip: 0.1 is invalid; applies to the gradient a "
+                                             "U-shaped client's tail returns (set split.client_tail_layers)"),
+    ("", ["privacy.tail_gradient_clip=0.1", "split.client_tail_layers=1", "mode=fedlora"],
+     "privacy.tail_gradient_clip: 0.1 is invalid; applies to the gradient a U-shaped client's tail returns to the "
+     "server (split, sequential), not mode=fedlora"),
+    ("", ["privacy.tail_gradient_noise=1.0", "split.client_tail_layers=1"],
+     "privacy.tail_gradient_noise: 1.0 is invalid; noise needs a sensitivity bound: set privacy.tail_gradient_clip"),
+    ("", ["privacy.tail_gradient_clip=-1", "split.client_tail_layers=1"],
+     "privacy.tail_gradient_clip: -1.0 is invalid; must be > 0, or null for off"),
+    ("", ["privacy.tail_gradient_clip=1", "privacy.tail_gradient_noise=-0.5", "split.client_tail_layers=1"],
+     "privacy.tail_gradient_noise: -0.5 is invalid; must be >= 0"),
+    ("", ["privacy.tail_gradient_clip=1", "split.client_tail_layers=1", "federation.clients=2",
+          "federation.client_ranks=1"], "logical clients do not support privacy.tail_gradient_clip yet"),
     # many logical clients on fewer ranks, partial participation
     ("", ["federation.clients=3", "federation.client_ranks=4"],
      "federation.client_ranks: 4 is invalid; must be between 1 and federation.clients (3)"),
@@ -109,6 +123,16 @@ def test_secure_aggregation_accepts_heterogeneous_clients(tmp_path):
     for extra in (["lora.rank=[2, 4]"], ["split.client_layers=[1, 2]"], ["federation.aggregation=zero_pad"]):
         cfg = load_config(write(tmp_path, ""), ["federation.secure_aggregation=true", "federation.clients=2", *extra])
         assert cfg.federation.secure_aggregation
+
+
+def test_tail_gradient_dp_accepts_every_u_shaped_split_with_a_server(tmp_path):
+    """Its mechanism is the client's own: sequential, heterogeneous clients and secure aggregation
+    change nothing about it."""
+    u_shaped = ["split.client_tail_layers=0", "privacy.tail_gradient_clip=0.5", "privacy.tail_gradient_noise=1.0"]
+    for extra in ([], ["mode=sequential"], ["federation.clients=2", "lora.rank=[2, 4]", "split.client_layers=[1, 2]"],
+                  ["federation.clients=2", "federation.secure_aggregation=true"]):
+        privacy = load_config(write(tmp_path, ""), [*u_shaped, *extra]).privacy
+        assert (privacy.tail_gradient_clip, privacy.tail_gradient_noise) == (0.5, 1.0)
 
 
 def test_missing_recipe(tmp_path):
