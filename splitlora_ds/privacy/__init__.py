@@ -1,1 +1,2 @@
-"""Privacy options: differential privacy on activations and on adapter updates (dp.py)."""
+"""Privacy options: differential privacy on activations, on a U-shaped tail's gradients and on
+adapter updates (dp.py)."""

@@ -275,3 +275,17 @@ def next_token_targets(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = torch.where(keep, nxt, torch.full_like(nxt, IGNORE_INDEX))
     return targets
+
+
+def sample_ids(segments: torch.Tensor) -> torch.Tensor:
+    """The sample of every real position of `segments` ([B, T] segment ids, 0 = padding), in flat
+    order: a sample is one nonzero id within one row (packed rows hold several), numbered 0..S-1.
+    On the segments' device: call it on the host copy, where the bookkeeping lives."""
+    seg = segments.to(torch.long)
+    flat = seg.flatten()
+    real = flat.nonzero().squeeze(1)
+    if real.numel() == 0:
+        return real
+    # one key per (row, id), as _source_segments: ids repeat across rows, never within one
+    key = (real // seg.shape[1]) * (int(flat.max()) + 1) + flat[real]
+    return torch.unique(key, return_inverse=True)[1]
