@@ -108,7 +108,8 @@ def train(prep: Prepared, observers: Sequence[Observer] = (), rendezvous: Option
     p2p = P2P(device, wire, staging, groups.meta)
     tracker = ImportanceTracker(cfg.importance.beta) if cfg.importance.enabled else None
     privacy = None
-    if role.is_client and (cfg.privacy.activation_clip is not None or cfg.privacy.update_clip is not None):
+    clips = (cfg.privacy.activation_clip, cfg.privacy.update_clip, cfg.privacy.tail_gradient_clip)
+    if role.is_client and any(c is not None for c in clips):
         privacy = ClientPrivacy(cfg.privacy, cfg.train.batch_size / prep.num_samples, topology.clients,
                                 max(client_weights))
     aggregator = _aggregator(prep, stage, groups, client_weights, staging, privacy)

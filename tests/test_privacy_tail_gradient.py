@@ -1,11 +1,13 @@
 """Differential privacy on the gradient a U-shaped client's tail returns (privacy.tail_gradient_*):
 per-sample clipping over a sample's positions (with packing, one segment of a row), Gaussian
-noise, one accounted release per training step."""
+noise, one accounted release per training step, and a real run whose every tail-gradient message
+is clipped per sample on the wire."""
 
 import pytest
 import torch
 
-from splitlora_ds.config import PrivacyConfig
+from _launch import ROOT, check, launch, scalars, write_recipe
+from splitlora_ds.config import PrivacyConfig, load_config
 from splitlora_ds.privacy.dp import ClientPrivacy, clip_samples, epsilon
 from splitlora_ds.runtime.packing import sample_ids
 
@@ -82,3 +84,54 @@ def test_the_tail_release_count_is_checkpointed_and_old_checkpoints_load():
     back.load_state_dict(old)
     assert (back.tail_releases, back.releases, back.rounds) == (0, 3, 2)
 
+
+# ---------------------------------------------------------------------------- a real run
+# U-shaped (one bottom block, one tail block), 2 clients, 2 steps, 2 micro-batches: every
+# tail-gradient message on the wire ([n_c, H] floats from a client to the last server stage).
+
+CLIP = 1e-3
+
+
+def u_recipe(folder, noise: float):
+    return write_recipe(folder, split={"client_layers": 1, "client_tail_layers": 1, "micro_batches": 2},
+                        federation={"clients": 2, "aggregate_every": 2}, train={"max_steps": 2},
+                        data={"num_samples": 40},
+                        privacy={"tail_gradient_clip": CLIP, "tail_gradient_noise": noise})
+
+
+def per_sample_norms(values: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """The norm of each (row, segment id) of `mask` over its rows of `values` (the real positions,
+    flat order), grouped independently of splitlora_ds.runtime.packing.sample_ids."""
+    flat = mask.flatten()
+    real = flat > 0
+    rows = (torch.arange(flat.numel()) // mask.shape[1])[real]
+    segs = flat[real]
+    assert values.shape[0] == int(real.sum())
+    return [values[(rows == r) & (segs == s)].norm().item() for r, s in sorted(set(zip(rows.tolist(), segs.tolist())))]
+
+
+@pytest.mark.launcher
+def test_a_u_shaped_run_clips_each_samples_tail_gradient_on_the_wire_and_accounts_it(tmp_path):
+    quiet = u_recipe(tmp_path / "clip", noise=0.0)
+    proc = launch(3, ["--recipe", str(quiet), "--out", str(tmp_path / "clip")],
+                  script=str(ROOT / "tests/scripts/record_wire.py"))
+    check(proc)
+    m = load_config(str(quiet)).micro_batches
+    for c in range(2):
+        log = torch.load(tmp_path / "clip" / f"client{c}.wire.pt")["log"]
+        sent = [e["tensors"] for e in log if e["dir"] == "sent"]
+        masks = [bundle[1] for bundle in sent if len(bundle) == 2]  # [activations, segment ids] to stage 0
+        tail_grads = [bundle[0] for bundle in sent if len(bundle) == 1 and bundle[0].dim() == 2]
+        assert len(masks) == len(tail_grads) == 2 * m  # in order: micro-batch by micro-batch
+        norms = [n for grad, mask in zip(tail_grads, masks) for n in per_sample_norms(grad, mask)]
+        assert len(norms) >= 8 and max(norms) <= CLIP + 1e-6
+        assert max(norms) > CLIP / 2  # the bound bites: unclipped they are larger
+    assert "client0: privacy spent (delta 1e-05): epsilon_tail_gradients inf" in proc.stdout  # no noise
+
+    noisy = u_recipe(tmp_path / "noise", noise=1.0)
+    proc = launch(3, ["--recipe", str(noisy)])
+    check(proc)
+    assert "client1: privacy spent (delta 1e-05): epsilon_tail_gradients" in proc.stdout
+    samples = scalars(tmp_path / "noise" / "tb" / "client0", "client0/samples")[0]
+    assert scalars(tmp_path / "noise" / "tb" / "client0", "privacy/epsilon_tail_gradients") == pytest.approx(
+        [epsilon(1.0, 4 / samples, s + 1, 1e-5) for s in range(2)])

@@ -53,7 +53,7 @@ from . import instructions as I
 from .buffers import MicroBatch
 from .loss import IGNORE, token_loss
 from ..config import DEFAULT_PACK_LENGTH
-from .packing import PackPlan, next_token_targets
+from .packing import PackPlan, next_token_targets, sample_ids
 from .schedules import Schedule
 from .stats import EvalStats, StepStats
 from .wire import Activations
@@ -563,6 +563,13 @@ class Executor:
         leaf, b.tail_input = b.tail_input, None
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         values = grad.flatten(0, 1).index_select(0, self._real_positions(b))
+        privacy = self.parts.privacy
+        if privacy is not None and privacy.cfg.tail_gradient_clip is not None:
+            # Computed from the labels: clipped per sample and noised before it leaves (privacy/dp.py).
+            # The samples are found on the host from the mask, in the order of _real_positions.
+            # One release per step for the accountant, as in _forward.
+            values = privacy.release_tail_gradient(values, self._on_device(sample_ids(b.mask)),
+                                                   self.training and ins.buffer == 0)
         self.pending.append((self.p2p.isend([values], ins.dst), ins.dst))
 
     # ------------------------------------------------------------------ aggregation
