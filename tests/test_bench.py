@@ -123,6 +123,20 @@ def test_standard_and_u_shaped_variants():
     assert u.mode == "split" and u.split.client_tail_layers == 0
 
 
+def test_dp_variants_turn_tail_gradient_dp_off_where_they_measure_something_else():
+    from splitlora_ds.bench.variants import variant_overrides
+    from splitlora_ds.config import load_config
+
+    recipe = str(ROOT / "recipes" / "tiny-cpu-dp.yaml")
+    tail = ["split.client_tail_layers=0", "privacy.tail_gradient_clip=0.5", "privacy.tail_gradient_noise=1.0"]
+    for name in ("split-no-dp", "split-dp-activations", "split-dp-updates", "split-standard"):
+        privacy = load_config(recipe, [*tail, *variant_overrides(name, recipe, tail)]).privacy
+        assert (privacy.tail_gradient_clip, privacy.tail_gradient_noise) == (None, 0.0), name
+    assert load_config(recipe, [*tail, *variant_overrides("split-dp-activations", recipe, tail)]).privacy.activation_clip
+    privacy = load_config(recipe, [*tail, *variant_overrides("split-u-shaped", recipe, tail)]).privacy
+    assert privacy.tail_gradient_clip == 0.5
+
+
 def test_table_reports_each_clients_bytes_per_step_sent_received_and_both():
     from splitlora_ds.bench.report import markdown
 

@@ -15,8 +15,9 @@ update clipping and noise only).
 
 And on any recipe, the two split topologies side by side (bytes per step, tokens/s, validation
 loss): split-standard (the server holds the head and computes the loss, split.client_tail_layers
-null) and split-u-shaped (every client keeps the recipe's split.client_tail_layers, or 0, the head
-only, when the recipe sets none; its labels never leave it, at the price of a second round trip).
+null; no tail returns a gradient, so DP on tail gradients is off) and split-u-shaped (every client
+keeps the recipe's split.client_tail_layers, or 0, the head only, when the recipe sets none; its
+labels never leave it, at the price of a second round trip).
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from ..models import get_family
 VARIANTS = ("split-weakest", "hsplit", "hetlora", "split-secagg", "split-no-dp", "split-dp-activations",
             "split-dp-updates", "split-standard", "split-u-shaped")
 _DP_OFF = {"activations": ["privacy.activation_clip=null", "privacy.activation_noise=0"],
-           "updates": ["privacy.update_clip=null", "privacy.update_noise=0"]}
+           "updates": ["privacy.update_clip=null", "privacy.update_noise=0"],
+           "tail_gradients": ["privacy.tail_gradient_clip=null", "privacy.tail_gradient_noise=0"]}
+
+
+def _dp_off(*kinds: str) -> list[str]:
+    """The overrides that turn these DP options off (keys of _DP_OFF)."""
+    return [override for kind in kinds for override in _DP_OFF[kind]]
 
 
 def variant_overrides(name: str, recipe: str, overrides: list[str]) -> list[str]:
@@ -44,18 +51,18 @@ def variant_overrides(name: str, recipe: str, overrides: list[str]) -> list[str]
     if name == "split-secagg":
         return ["mode=split", "federation.secure_aggregation=true"]
     if name == "split-standard":
-        return ["mode=split", "split.client_tail_layers=null"]
+        return ["mode=split", "split.client_tail_layers=null", *_dp_off("tail_gradients")]
     if name == "split-u-shaped":
         tail = load_config(recipe, [*overrides, "mode=split"]).split.client_tail_layers
         return ["mode=split", f"split.client_tail_layers={0 if tail is None else tail}"]
     if name == "split-no-dp":
-        return ["mode=split", *_DP_OFF["activations"], *_DP_OFF["updates"]]
+        return ["mode=split", *_dp_off(*_DP_OFF)]
     if name in ("split-dp-activations", "split-dp-updates"):
         kept = name.rsplit("-", 1)[1]
         privacy = load_config(recipe, [*overrides, "mode=split"]).privacy
         if getattr(privacy, f"{kept[:-1]}_clip") is None:
             raise ConfigError(f"--modes {name}: the recipe sets no privacy.{kept[:-1]}_clip to measure")
-        return ["mode=split", *_DP_OFF["updates" if kept == "activations" else "activations"]]
+        return ["mode=split", *_dp_off(*(kind for kind in _DP_OFF if kind != kept))]
     if name == "split-weakest":
         cfg = load_config(recipe, [*overrides, "mode=split"])
         family = get_family(cfg.model.family)
