@@ -510,6 +510,14 @@ class RunConfig:
 # --------------------------------------------------------------------------- loading
 
 
+def add_recipe_arguments(parser, recipe_help: str = "recipe YAML (see recipes/)",
+                         set_help: str = "override a recipe field; the value is parsed as YAML (repeatable)") -> None:
+    """--recipe and --set, as every command line that takes a recipe spells them (args.recipe, args.overrides)."""
+    parser.add_argument("--recipe", required=True, help=recipe_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=set_help)
+
+
 def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a recipe YAML (or start from defaults when `recipe` is None) and apply overrides."""
     raw: dict = {}

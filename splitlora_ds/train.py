@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 # CPU ranks that share a machine's cores: a waiting rank's OpenMP threads must sleep at once
 # instead of spinning (libgomp's default), so that whichever rank computes gets the cores
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional
 # that loads torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .config import load_config  # noqa: E402
+from .config import add_recipe_arguments, load_config  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .failures import (EXIT_ERROR, EXIT_PEER_FAILED, EXIT_PEER_LOST, Failure, FailureBoard, PeerLost,  # noqa: E402
                        describe_error, format_traceback, is_peer_failure, linger_seconds, who)
@@ -26,14 +26,13 @@ from .placement import Placement, place_this_rank  # noqa: E402
 if TYPE_CHECKING:  # DeepSpeed and transformers load only for real runs
     from .prepare import Prepared
     from .rendezvous import Rendezvous
+    from .runtime.executor import Observer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="splitlora_ds.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe field; the value is parsed as YAML (repeatable)")
+    add_recipe_arguments(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the split plan (layers, parameters, trainable parameters per role) and exit; "
                         "downloads nothing")
@@ -46,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, observers: Sequence[Observer] = ()) -> int:
+    """Run one rank; `observers` watch its executor after every instruction (the attack tool's
+    recorder, splitlora_ds.attack.record)."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     rendezvous = _join(placement, cfg.dist.timeout_s)
     if rendezvous is None:
         return EXIT_PEER_LOST
-    _train_or_report(prep, rendezvous)
+    _train_or_report(prep, rendezvous, observers)
     return 0
 
 
@@ -89,7 +90,7 @@ def _join(placement: Placement, timeout_s: float) -> Optional[Rendezvous]:
         return None
 
 
-def _train_or_report(prep: Prepared, rendezvous: Rendezvous) -> None:
+def _train_or_report(prep: Prepared, rendezvous: Rendezvous, observers: Sequence[Observer] = ()) -> None:
     """Train; on any failure print this rank's one line (failures.py says which) and leave at
     once: the process group cannot shut down cleanly with a peer gone (its teardown may wait on it)."""
     from .trainer import train
@@ -97,7 +98,7 @@ def _train_or_report(prep: Prepared, rendezvous: Rendezvous) -> None:
     board = FailureBoard(rendezvous.store, rendezvous.rank, rendezvous.world,
                          linger_seconds(rendezvous.timeout_s), rendezvous.store_address)
     try:
-        train(prep, rendezvous=rendezvous)
+        train(prep, observers, rendezvous=rendezvous)
     except ConfigError as e:
         # Input errors are raised before the first collective (prepare.py), except the host
         # agreement's (hosts.py), where every rank decides alike from the same gathered data and

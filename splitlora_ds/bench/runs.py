@@ -56,17 +56,20 @@ def roles(cfg: RunConfig) -> tuple[list[str], list[str]]:
     return clients, [f"server{s}" for s in range(cfg.split.server_stages)]
 
 
-def command(cfg: RunConfig, recipe: str, overrides: list[str], launcher_args: list[str]) -> list[str]:
+def command(cfg: RunConfig, recipe: str, overrides: list[str], launcher_args: list[str],
+            module: str = "splitlora_ds.train", module_args: tuple[str, ...] = ()) -> list[str]:
+    """The command line that runs `module` (splitlora_ds.train, or a wrapper that takes its
+    arguments after `module_args`) on the recipe: plain python for centralized, else the launcher."""
     sets = [a for o in overrides for a in ("--set", o)]
-    train = ["--recipe", recipe, *sets]
+    train = [*module_args, "--recipe", recipe, *sets]
     if cfg.mode == "centralized":
-        return [sys.executable, "-m", "splitlora_ds.train", *train]
+        return [sys.executable, "-m", module, *train]
     deepspeed = shutil.which("deepspeed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if deepspeed is None:
         raise FileNotFoundError("the `deepspeed` launcher is not on PATH (pip install deepspeed)")
     port = [] if "--master_port" in launcher_args else ["--master_port", str(free_port())]
     return [deepspeed, "--num_gpus", str(cfg.world_size), *port, *launcher_args,
-            "--module", "splitlora_ds.train", *train]
+            "--module", module, *train]
 
 
 @dataclass
