@@ -9,7 +9,7 @@ import torch
 from ..privacy.dp import clip_rows
 from .base_model import BaseModel
 from .data import AttackData
-from .inversion import LearnedInversion, Mechanism, optimisation_inversion, public_activations
+from .inversion import LearnedInversion, Mechanism, match_moments, optimisation_inversion, public_activations
 from .labels import infer_targets
 from .scoring import text_rouge_l, token_recovery
 from .settings import Noise, Setting
@@ -35,11 +35,12 @@ class Attacker:
     """The server's attacks, with the learned inverters cached by (split point, DP mechanism)."""
 
     def __init__(self, base: BaseModel, data: AttackData, optimisation_samples: int = 16,
-                 optimisation_steps: int = 150):
+                 optimisation_steps: int = 100):
         self.base, self.data = base, data
         self.optimisation_samples = optimisation_samples
         self.optimisation_steps = optimisation_steps
         self._inverters: dict[tuple, LearnedInversion] = {}
+        self._references: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def inverter(self, k: int, noise: Optional[Noise]) -> LearnedInversion:
         key = (k, noise)
@@ -47,6 +48,13 @@ class Attacker:
             feats, tokens = public_activations(self.base, self.data.public_ids, k, release_mechanism(noise))
             self._inverters[key] = LearnedInversion().fit(feats, tokens)
         return self._inverters[key]
+
+    def reference(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-feature mean and spread of the base bottom's activations at k on public text."""
+        if k not in self._references:
+            feats, _ = public_activations(self.base, self.data.public_ids, k, None, max_positions=20_000)
+            self._references[k] = (feats.mean(0), feats.std(0))
+        return self._references[k]
 
     def attack(self, setting: Setting, samples: list[VictimSample], activation: Optional[Noise],
                tail_gradient: Optional[Noise]) -> list[dict]:
@@ -57,10 +65,11 @@ class Attacker:
         guesses = list(learned.predict(torch.cat([s.hidden for s in samples])).split([len(i) for i in ids]))
         act_sigma = activation.sigma if activation is not None else None
         rows = [_row("inversion-learned", guesses, ids, tok, act_sigma, "activations")]
-        few = samples[:self.optimisation_samples]
-        found = optimisation_inversion(self.base, [s.hidden for s in few], setting.split_layers,
-                                       steps=self.optimisation_steps)
-        rows.append(_row("inversion-optimised", found, [s.ids for s in few], tok, act_sigma, "activations"))
+        # the optimisation matches the base bottom's function: moment-match to its noise-free output
+        adapted = match_moments([s.hidden for s in samples], *self.reference(setting.split_layers))
+        few = slice(0, self.optimisation_samples)
+        found = optimisation_inversion(self.base, adapted[few], setting.split_layers, steps=self.optimisation_steps)
+        rows.append(_row("inversion-optimised", found, ids[few], tok, act_sigma, "activations"))
         if setting.tail_layers is not None:
             inferred = infer_targets(self.base, setting.tail_layers, [s.tail_input for s in samples],
                                      [s.tail_grad for s in samples])
