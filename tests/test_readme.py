@@ -277,3 +277,27 @@ def test_train_command_plans_with_the_ranks_it_launches(argv, capsys, monkeypatc
     else:
         assert cfg.mode == "centralized", "only a centralized run starts without the launcher"
     assert main(args + ["--dry-run"]) == 0, capsys.readouterr().err
+
+
+def attack_commands():
+    """(file, argv) for every `splitlora_ds.attack` command in a code block of the README and docs/."""
+    return [(path.name, shlex.split(line.split(" #")[0])) for path in [README, *DOCS] for line in code_lines(path)
+            if "splitlora_ds.attack" in line and not line.startswith("#")]
+
+
+def test_the_privacy_docs_show_the_attack_command():
+    files = {f for f, _ in attack_commands()}
+    assert {"README.md", "privacy.md"} <= files
+
+
+@pytest.mark.parametrize("argv", [a for _, a in attack_commands()], ids=lambda a: " ".join(a[a.index("--recipe"):])[:90])
+def test_attack_command_loads_and_names_known_settings(argv, capsys, monkeypatch):
+    """Each documented attack command parses, its recipe loads, and its settings exist (--list
+    plans them without training or reading data)."""
+    from splitlora_ds.attack.__main__ import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(ROOT)
+    args = argv[argv.index("splitlora_ds.attack") + 1:]
+    args = [a for a in args if a != "--reuse"]
+    assert main(args + ["--list"]) == 0, capsys.readouterr().err
