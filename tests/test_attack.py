@@ -4,6 +4,7 @@ never make them more successful. No test here expects a particular leakage figur
 an attack with the unigram guess or with itself under more noise."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +231,25 @@ def test_moment_matching_keeps_the_inversions_working_once_the_adapters_moved(wo
     found = token_recovery(optimisation_inversion(base, matched[:6], 1), victim[:6])
     unmatched = token_recovery(optimisation_inversion(base, moved[:6], 1), victim[:6])
     assert found > unmatched + 0.3 and found > _unigram(data, victim[:6]) + 0.5, (unmatched, found)
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "e2e" / "devset.csv").is_file() or not (SHARED / "gpt2-tokenizer").is_dir(),
+                    reason="no E2E devset or GPT-2 tokenizer in ../shared/data")
+def test_learned_inversion_beats_unigram_by_far_on_e2e_with_the_gpt2_tokenizer(tmp_path):
+    """The default table's setting (recipes/gpt2-e2e-cpu.yaml at k = 1, no defence), at the base
+    weights: the inversion must beat the unigram guess by a wide margin or the table means nothing."""
+    overrides = [f"data.path={SHARED / 'e2e' / 'devset.csv'}", f"data.tokenizer={SHARED / 'gpt2-tokenizer'}",
+                 "split.client_layers=1", f"data.cache_dir={tmp_path}"]
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "recipes" / "gpt2-e2e-cpu.yaml"), overrides)
+    data = load_attack_data(cfg)
+    victim = data.public_ids[:64]
+    data.public_ids = data.public_ids[64:]
+    base = BaseModel(cfg)
+    feats, tokens = public_activations(base, data.public_ids, 1, None, max_positions=30_000)
+    inverter = LearnedInversion(epochs=3).fit(feats, tokens)
+    guesses = list(inverter.predict(torch.cat(_victim_activations(base, victim, 1))).split([len(v) for v in victim]))
+    recovered, baseline = token_recovery(guesses, victim), _unigram(data, victim)
+    assert recovered > baseline + 0.5, (recovered, baseline)
