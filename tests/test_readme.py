@@ -281,8 +281,12 @@ def test_train_command_plans_with_the_ranks_it_launches(argv, capsys, monkeypatc
 
 def attack_commands():
     """(file, argv) for every `splitlora_ds.attack` command in a code block of the README and docs/."""
-    return [(path.name, shlex.split(line.split(" #")[0])) for path in [README, *DOCS] for line in code_lines(path)
-            if "splitlora_ds.attack" in line and not line.startswith("#")]
+    found = []
+    for path in [README, *DOCS]:
+        for line in code_lines(path):
+            if line.startswith("python ") and "-m splitlora_ds.attack " in line:
+                found.append((path.name, shlex.split(line.split(" #")[0])))
+    return found
 
 
 def test_the_privacy_docs_show_the_attack_command():
