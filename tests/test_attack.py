@@ -253,3 +253,14 @@ def test_learned_inversion_beats_unigram_by_far_on_e2e_with_the_gpt2_tokenizer(t
     guesses = list(inverter.predict(torch.cat(_victim_activations(base, victim, 1))).split([len(v) for v in victim]))
     recovered, baseline = token_recovery(guesses, victim), _unigram(data, victim)
     assert recovered > baseline + 0.5, (recovered, baseline)
+
+
+def test_the_attack_run_refuses_what_it_cannot_follow(tmp_path):
+    from splitlora_ds.attack.run import AttackRun
+
+    recipe = write_recipe(tmp_path, federation={"clients": 4, "client_ranks": 2, "aggregate_every": 1})
+    with pytest.raises(ValueError, match="logical clients"):
+        AttackRun(load_config(str(recipe)), str(recipe), [], tmp_path, 30, (8.0,), 4)
+    with pytest.raises(ValueError, match="mode: centralized"):
+        AttackRun(load_config(str(recipe), ["mode=centralized", "federation.client_ranks=null"]), str(recipe), [],
+                  tmp_path, 30, (8.0,), 4)

@@ -22,6 +22,9 @@ class AttackRun:
                  epsilons: tuple[float, ...], per_phase: int):
         if cfg.mode != "split":
             raise ValueError(f"mode: {cfg.mode}; the attacks take the server's view of a split run (mode: split)")
+        if cfg.logical_clients:
+            raise ValueError("federation.client_ranks / clients_per_round: the attacks follow client rank 0 as one "
+                             "data owner; run them without logical clients")
         if steps < 2:
             raise ValueError(f"--steps: {steps}; at least 2 (a start and an end)")
         self.cfg, self.recipe, self.user_overrides, self.out, self.steps = cfg, recipe, user_overrides, out, steps
