@@ -264,3 +264,18 @@ def test_the_attack_run_refuses_what_it_cannot_follow(tmp_path):
     with pytest.raises(ValueError, match="mode: centralized"):
         AttackRun(load_config(str(recipe), ["mode=centralized", "federation.client_ranks=null"]), str(recipe), [],
                   tmp_path, 30, (8.0,), 4)
+
+
+def test_the_recipes_own_setting_comes_first_as_written(tmp_path):
+    from splitlora_ds.attack.run import AttackRun
+    from splitlora_ds.attack.settings import recipe_setting
+
+    recipe = write_recipe(tmp_path, split={"client_layers": 2, "client_tail_layers": 1, "server_stages": 1},
+                          federation={"clients": 2, "aggregate_every": 1},
+                          privacy={"tail_gradient_clip": 0.5, "tail_gradient_noise": 0.7})
+    cfg = load_config(str(recipe))
+    own = recipe_setting(cfg)
+    assert (own.name, own.split_layers, own.tail_layers, own.as_recipe) == ("recipe", 2, 1, True)
+    assert overrides(own, None, None) == ["mode=split"]
+    run = AttackRun(cfg, str(recipe), [], tmp_path, 30, (8.0,), 4)
+    assert run.grid[0] == own and run.tail_gradient_noise(own) == Noise(0.5, 0.7) and run.activation_noise(own) is None

@@ -12,7 +12,7 @@ from .base_model import BaseModel
 from .calibration import activation_norm, tail_gradient_norm
 from .data import load_attack_data
 from .report import plot, table, write_json
-from .settings import Noise, Setting, default_grid, noise_multiplier, overrides, recorded_steps
+from .settings import Noise, Setting, default_grid, noise_multiplier, overrides, recipe_setting, recorded_steps
 from .training import TrainedSetting, train_setting
 from .views import load_view
 
@@ -29,7 +29,8 @@ class AttackRun:
             raise ValueError(f"--steps: {steps}; at least 2 (a start and an end)")
         self.cfg, self.recipe, self.user_overrides, self.out, self.steps = cfg, recipe, user_overrides, out, steps
         self.base = BaseModel(cfg)
-        self.grid = default_grid(self.base.num_blocks, epsilons)
+        own = recipe_setting(cfg)
+        self.grid = ([own] if own is not None else []) + default_grid(self.base.num_blocks, epsilons)
         self.phases = recorded_steps(steps, per_phase)
         self.data = None
         self._noise: dict[tuple, Noise] = {}
@@ -49,6 +50,9 @@ class AttackRun:
         return self.cfg.train.batch_size / self.data.victim_samples
 
     def activation_noise(self, s: Setting) -> Optional[Noise]:
+        dp = self.cfg.privacy
+        if s.as_recipe:
+            return Noise(dp.activation_clip, dp.activation_noise) if dp.activation_clip is not None else None
         if s.activation_epsilon is None:
             return None
         key = ("activations", s.split_layers, s.activation_epsilon)
@@ -59,6 +63,9 @@ class AttackRun:
         return self._noise[key]
 
     def tail_gradient_noise(self, s: Setting) -> Optional[Noise]:
+        dp = self.cfg.privacy
+        if s.as_recipe:
+            return Noise(dp.tail_gradient_clip, dp.tail_gradient_noise) if dp.tail_gradient_clip is not None else None
         if s.tail_gradient_epsilon is None:
             return None
         key = ("tail", s.tail_layers, s.tail_gradient_epsilon)

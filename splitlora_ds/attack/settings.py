@@ -24,6 +24,7 @@ class Setting:
     tail_layers: Optional[int] = None  # None: the standard split (the server holds the head)
     activation_epsilon: Optional[float] = None  # DP on activations aiming at this epsilon (None: off)
     tail_gradient_epsilon: Optional[float] = None  # DP on the tail's gradient aiming at this epsilon
+    as_recipe: bool = False  # the recipe as written: its split and its own privacy.* settings
 
     def __post_init__(self) -> None:
         if self.tail_gradient_epsilon is not None and self.tail_layers is None:
@@ -36,6 +37,15 @@ class Noise:
 
     clip: float
     sigma: float
+
+
+def recipe_setting(cfg) -> Optional[Setting]:
+    """The recipe's own setting, first in the table: a user asks about the run they will make. None
+    when client 0's split point is not fixed in the recipe (budgets plan it)."""
+    k = cfg.split.client_layers[0] if isinstance(cfg.split.client_layers, list) else cfg.split.client_layers
+    if cfg.federation.budgets is not None:
+        return None
+    return Setting("recipe", k, cfg.split.client_tail_layers, as_recipe=True)
 
 
 def default_grid(num_blocks: int, epsilons: tuple[float, ...] = DEFAULT_EPSILONS) -> list[Setting]:
@@ -66,6 +76,8 @@ def noise_multiplier(epsilon: float, sample_rate: float, steps: int, delta: floa
 
 def overrides(setting: Setting, activation: Optional[Noise], tail_gradient: Optional[Noise]) -> list[str]:
     """The recipe overrides that make `setting` (its DP fields from the calibrated mechanisms)."""
+    if setting.as_recipe:
+        return ["mode=split"]
     out = ["mode=split", f"split.client_layers={setting.split_layers}",
            f"split.client_tail_layers={'null' if setting.tail_layers is None else setting.tail_layers}",
            "privacy.update_clip=null", "privacy.update_noise=0"]
