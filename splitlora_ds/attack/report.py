@@ -64,19 +64,25 @@ def plot(rows: Sequence[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    ends = [r for r in rows if r["phase"] == "end" and r["val_loss"] is not None]
     for attack, marker in zip(ATTACK_COLUMNS, "os^"):
-        points = [r for r in rows if r["attack"] == attack and r["phase"] == "end" and r["val_loss"] is not None]
-        if not points:
-            continue
-        ax.scatter([r["val_loss"] for r in points], [100 * r["token_recovery"] for r in points], marker=marker,
-                   label=attack)
-        for r in points:
-            ax.annotate(r["setting"], (r["val_loss"], 100 * r["token_recovery"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+        points = [r for r in ends if r["attack"] == attack]
+        if points:
+            ax.scatter([r["val_loss"] for r in points], [100 * r["token_recovery"] for r in points], marker=marker,
+                       label=attack, alpha=0.8)
+    # one label per setting, at its most successful attack (the others sit on the same vertical)
+    best: dict[str, dict] = {}
+    for r in ends:
+        if r["setting"] not in best or r["token_recovery"] > best[r["setting"]]["token_recovery"]:
+            best[r["setting"]] = r
+    for i, r in enumerate(best.values()):
+        ax.annotate(r["setting"], (r["val_loss"], 100 * r["token_recovery"]), fontsize=7,
+                    xytext=(4, 4 + 7 * (i % 3)), textcoords="offset points")
     for r in rows:
         if r["setting"] is None:
             ax.axhline(100 * r["token_recovery"], linestyle=":", color="grey", linewidth=1)
             ax.annotate(r["attack"], (ax.get_xlim()[0], 100 * r["token_recovery"]), fontsize=7, color="grey")
+    ax.set_ylim(-5, 118)  # room for the labels above 100%
     ax.set_xlabel("validation loss (lower is better)")
     ax.set_ylabel("tokens recovered at the end of training (%)")
     ax.set_title("What the server recovers, against what each defence costs")
