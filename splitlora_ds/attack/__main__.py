@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         rows = run.run(grid, threads=args.threads, timeout=args.timeout, reuse=args.reuse)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # a setting's training failed, or the data leaves no public text
         print(f"splitlora_ds.attack: error: {e}", file=sys.stderr)
         return 1
     print(run.write(rows), end="")

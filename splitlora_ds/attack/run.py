@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..config import RunConfig
 from .attacks import Attacker
@@ -50,30 +50,31 @@ class AttackRun:
         return self.cfg.train.batch_size / self.data.victim_samples
 
     def activation_noise(self, s: Setting) -> Optional[Noise]:
+        """The activation mechanism of setting s: the recipe's own, or calibrated to its epsilon."""
         dp = self.cfg.privacy
         if s.as_recipe:
             return Noise(dp.activation_clip, dp.activation_noise) if dp.activation_clip is not None else None
-        if s.activation_epsilon is None:
-            return None
-        key = ("activations", s.split_layers, s.activation_epsilon)
-        if key not in self._noise:
-            clip = activation_norm(self.base, self.data.public_ids, s.split_layers)
-            self._noise[key] = Noise(clip, noise_multiplier(s.activation_epsilon, self._sample_rate(), self.steps,
-                                                            self.cfg.privacy.delta))
-        return self._noise[key]
+        return self._calibrated(("activations", s.split_layers), s.activation_epsilon,
+                                lambda: activation_norm(self.base, self.data.public_ids, s.split_layers))
 
     def tail_gradient_noise(self, s: Setting) -> Optional[Noise]:
+        """The tail-gradient mechanism of setting s: the recipe's own, or calibrated to its epsilon."""
         dp = self.cfg.privacy
         if s.as_recipe:
             return Noise(dp.tail_gradient_clip, dp.tail_gradient_noise) if dp.tail_gradient_clip is not None else None
-        if s.tail_gradient_epsilon is None:
+        return self._calibrated(("tail", s.tail_layers), s.tail_gradient_epsilon,
+                                lambda: tail_gradient_norm(self.base, self.data.public_ids, self.data.public_labels,
+                                                           s.tail_layers, self.cfg.train.batch_size,
+                                                           self.cfg.train.label_smoothing))
+
+    def _calibrated(self, what: tuple, epsilon: Optional[float], clip: Callable[[], float]) -> Optional[Noise]:
+        """Noise(median-norm clip, the multiplier that spends `epsilon`), computed once per mechanism."""
+        if epsilon is None:
             return None
-        key = ("tail", s.tail_layers, s.tail_gradient_epsilon)
+        key = (*what, epsilon)
         if key not in self._noise:
-            clip = tail_gradient_norm(self.base, self.data.public_ids, self.data.public_labels, s.tail_layers,
-                                      self.cfg.train.batch_size, self.cfg.train.label_smoothing)
-            self._noise[key] = Noise(clip, noise_multiplier(s.tail_gradient_epsilon, self._sample_rate(), self.steps,
-                                                            self.cfg.privacy.delta))
+            sigma = noise_multiplier(epsilon, self._sample_rate(), self.steps, self.cfg.privacy.delta)
+            self._noise[key] = Noise(clip(), sigma)
         return self._noise[key]
 
     # ------------------------------------------------------------------ the run
